@@ -1,0 +1,153 @@
+"""The `edge` command line. Bad input exits with code 2 and a one-line message, no traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edge.errors import ConfigError, EdgeError
+
+
+def input_size_arg(v: str) -> int | None:
+    if v == "native":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input size must be an integer or 'native', got {v!r}") from None
+    if n <= 0 or n % 32:
+        raise argparse.ArgumentTypeError(f"input size must be a positive multiple of 32, got {n}")
+    return n
+
+
+def unit_float(v: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v!r}") from None
+    if not 0.0 <= f <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {f}")
+    return f
+
+
+def add_model_args(p: argparse.ArgumentParser, bundle: bool = True) -> None:
+    p.add_argument("--weights", default="default", help="registry name or checkpoint path (default: built-in 'default')")
+    p.add_argument("--arch", default=None, help="configuration of an unknown checkpoint: pytorch_retinaface (default) or face_detector_1mb")
+    if bundle:
+        p.add_argument("--bundle", default=None, help="a converted bundle folder instead of --weights")
+
+
+def build_pipeline(args, input_size, post=None):
+    """-> (pipeline, model description) from --weights/--arch or --bundle."""
+    from edge.pipeline import Pipeline
+
+    if getattr(args, "bundle", None):
+        from converters.bundle import load_bundle_runner
+
+        runner, spec, desc = load_bundle_runner(args.bundle)
+        if spec.input_size is not None and input_size is not None and input_size != spec.input_size:
+            raise ConfigError(f"bundle {args.bundle} has a fixed input size {spec.input_size}, not {input_size}")
+        return Pipeline(runner, spec, post), desc
+    from edge.runners import TorchRunner
+    from edge.weights import load_weights
+
+    model, info = load_weights(args.weights, arch=args.arch)
+    return Pipeline(TorchRunner(model), model.spec.with_input_size(input_size), post), info.describe()
+
+
+def cmd_detect(args) -> int:
+    from edge.draw import draw_detections
+    from edge.pipeline import PostConfig
+
+    post = PostConfig(score_threshold=args.score, nms_threshold=args.nms)
+    pipe, desc = build_pipeline(args, args.input_size, post)
+    print(f"model: {desc}; input {'native (padded to 32)' if args.input_size is None else args.input_size}", file=sys.stderr)
+    results = []
+    for image in args.images:
+        prep = pipe.preprocess(image)
+        det = pipe.postprocess(pipe.runner(prep.tensor), prep)
+        results.append({"image": str(image), "model": desc, "faces": det.to_json()})
+        print(f"{image}: {len(det)} faces (score >= {args.score})")
+        if args.draw:
+            out = Path(args.draw)
+            if len(args.images) > 1:
+                out.mkdir(parents=True, exist_ok=True)
+                out = out / (Path(image).stem + ".png")
+            from edge.image_io import load_image
+
+            draw_detections(load_image(image), [(det, (0, 255, 0))]).save(out)
+            print(f"  drawn: {out}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+    return 0
+
+
+def cmd_weights(args) -> int:
+    from edge.weights import REGISTRY, load_weights
+
+    if args.action == "list":
+        for e in REGISTRY.values():
+            acc = json.dumps(e.accuracy) if e.accuracy else "not measured"
+            print(f"{e.name}: {e.arch.name}, {e.params:,} params, sha256 {e.sha256[:16]}..., {e.license}\n  source: {e.source}\n  WIDER val AP: {acc}")
+        return 0
+    model, info = load_weights(args.name)
+    print(f"{info.describe()} -> {info.path}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge", description="RetinaFace-MobileNet-0.25 on edge devices, with parity proofs.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("detect", help="detect faces in images")
+    d.add_argument("images", nargs="+")
+    add_model_args(d)
+    d.add_argument("--input-size", type=input_size_arg, default=640, help="square letterbox side, or 'native' (default 640)")
+    d.add_argument("--score", type=unit_float, default=0.5)
+    d.add_argument("--nms", type=unit_float, default=0.4)
+    d.add_argument("--json", default=None, help="write detections as JSON")
+    d.add_argument("--draw", default=None, help="write the image with boxes and landmarks (PNG; a folder for several images)")
+    d.set_defaults(func=cmd_detect)
+
+    w = sub.add_parser("weights", help="list the weights registry, or fetch/convert one entry")
+    w.add_argument("action", choices=["list", "fetch"])
+    w.add_argument("name", nargs="?", default="default")
+    w.set_defaults(func=cmd_weights)
+
+    _add_later_commands(sub)
+    return ap
+
+
+def _add_later_commands(sub) -> None:
+    """Sub-commands contributed by other modules, registered when their module exists."""
+    import importlib
+
+    for mod in ("edge.eval_cli",):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        m.register(sub)
+
+
+def run(argv, parser: argparse.ArgumentParser) -> int:
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv=None) -> int:
+    return run(argv, make_parser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The one input/output contract of the detector.
+
+Everything downstream (pipeline, converters, parity, evaluators, benchmarks) reads the model's
+`ModelSpec`; nothing re-derives input layout, normalisation, anchors or output shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+STRIDES = (8, 16, 32)
+# Per-anchor width of each raw output, in the order the model returns them.
+OUTPUT_WIDTHS = {"loc": 4, "conf": 2, "landmarks": 10}
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """What distinguishes two checkpoints of the same network.
+
+    name: registry key of the configuration.
+    leaky_slope: negative slope of every activation; 0.0 means plain ReLU.
+    min_sizes: anchor sizes in input pixels, one tuple per pyramid level (strides 8/16/32).
+    """
+
+    name: str
+    leaky_slope: float
+    min_sizes: tuple[tuple[int, ...], ...]
+
+    @property
+    def anchors_per_cell(self) -> int:
+        counts = {len(s) for s in self.min_sizes}
+        if len(counts) != 1:
+            raise ValueError(f"every level needs the same number of anchors, got {self.min_sizes}")
+        return counts.pop()
+
+
+# Pytorch_Retinaface (biubug6) mobilenet0.25: LeakyReLU 0.1 everywhere, anchors 16..512.
+PYTORCH_RETINAFACE = ArchConfig("pytorch_retinaface", 0.1, ((16, 32), (64, 128), (256, 512)))
+# Face-Detector-1MB-with-landmark's RetinaFace: plain ReLU, smaller anchors 10..256.
+FACE_DETECTOR_1MB = ArchConfig("face_detector_1mb", 0.0, ((10, 20), (32, 64), (128, 256)))
+ARCHS = {a.name: a for a in (PYTORCH_RETINAFACE, FACE_DETECTOR_1MB)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Input/output contract of one RetinaFace model.
+
+    Input: float32 NCHW, channels BGR, value = pixel (0..255) - mean, divided by std.
+    H and W are multiples of 32 (the largest stride), so every pyramid level divides exactly.
+    Outputs (A = number of anchors for the input size, see `num_anchors`):
+      loc (B, A, 4) float32: box offsets, encoded with `variances` against the anchors.
+      conf (B, A, 2) float32: softmax probabilities (background, face).
+      landmarks (B, A, 10) float32: 5 points (x, y) encoded like box centres.
+      mesh (B, A, 3 * mesh_vertices) when the model has a mesh head.
+    """
+
+    arch: ArchConfig = PYTORCH_RETINAFACE
+    input_size: int | None = 640  # square letterbox side; None = native size padded to 32
+    layout: str = "NCHW"
+    channel_order: str = "BGR"
+    mean: tuple[float, float, float] = (104.0, 117.0, 123.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    steps: tuple[int, ...] = STRIDES
+    variances: tuple[float, float] = (0.1, 0.2)
+    fpn_channels: int = 64
+    mesh_vertices: int = 0  # 0: no mesh head
+    pad_multiple: int = 32
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        names = tuple(OUTPUT_WIDTHS)
+        return names + ("mesh",) if self.mesh_vertices else names
+
+    def output_width(self, name: str) -> int:
+        if name == "mesh":
+            return 3 * self.mesh_vertices
+        return OUTPUT_WIDTHS[name]
+
+    def num_anchors(self, height: int, width: int) -> int:
+        """Anchors for an input of height x width (both multiples of `pad_multiple`)."""
+        cells = sum(-(-height // s) * -(-width // s) for s in self.steps)
+        return cells * self.arch.anchors_per_cell
+
+    def output_shapes(self, height: int, width: int, batch: int = 1) -> dict[str, tuple[int, int, int]]:
+        a = self.num_anchors(height, width)
+        return {n: (batch, a, self.output_width(n)) for n in self.output_names}
+
+    def with_input_size(self, input_size: int | None) -> "ModelSpec":
+        return dataclasses.replace(self, input_size=input_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["output_names"] = list(self.output_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        d = dict(d)
+        d.pop("output_names", None)
+        a = d.pop("arch")
+        arch = ArchConfig(a["name"], float(a["leaky_slope"]), tuple(tuple(s) for s in a["min_sizes"]))
+        for k in ("mean", "std", "steps", "variances"):
+            d[k] = tuple(d[k])
+        return cls(arch=arch, **d)

@@ -1,0 +1,116 @@
+"""Image loading and validation. Returns BGR uint8 (H, W, 3) arrays, the contract's channel order.
+
+Bad files raise `ImageError` with one line naming the problem, never a decoder traceback.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import ImageError
+
+# Decompression-bomb guard: images declaring more pixels than this are refused before decoding.
+MAX_PIXELS = 64_000_000
+
+
+def _to_rgb(img, name: str):
+    from PIL import Image
+
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ImageError(f"{name}: floating-point image holds NaN or Inf")
+        a = np.clip(a * (255.0 if a.max(initial=0) <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # composite over black would darken faces at soft edges; over white is the usual viewer choice
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if mode in ("RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV"):
+        return img.convert("RGB")
+    raise ImageError(f"{name}: unsupported image mode {mode!r}")
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file -> BGR uint8 (H, W, 3). Applies EXIF orientation; converts grayscale,
+    16-bit, palette, CMYK and alpha images to 8-bit BGR."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    name = path.name
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w <= 0 or h <= 0:
+                    raise ImageError(f"{name}: image has zero size ({w}x{h})")
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {MAX_PIXELS:,}")
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
+                rgb = _to_rgb(img, name)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a readable image (unknown format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: declared size exceeds the pixel limit of {MAX_PIXELS:,}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageError(f"{name}: truncated or corrupt image ({msg})") from None
+    arr = np.asarray(rgb, dtype=np.uint8)
+    return np.ascontiguousarray(arr[..., ::-1])
+
+
+def check_image_array(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Validate an in-memory image -> BGR uint8 (H, W, 3).
+
+    Accepts uint8 (H, W), (H, W, 1), (H, W, 3) (taken as BGR) or (H, W, 4) (BGRA, alpha dropped),
+    and float arrays with finite values in [0, 255]. Anything else raises ImageError.
+    """
+    if not isinstance(image, np.ndarray):
+        raise ImageError(f"{name}: expected a numpy array, got {type(image).__name__}")
+    if image.ndim not in (2, 3):
+        raise ImageError(f"{name}: expected rank 2 (H, W) or 3 (H, W, C), got shape {image.shape}")
+    if image.size == 0 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ImageError(f"{name}: empty array of shape {image.shape}")
+    if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
+        raise ImageError(f"{name}: expected 1, 3 or 4 channels, got {image.shape[2]} (shape {image.shape})")
+    if image.shape[0] * image.shape[1] > MAX_PIXELS:
+        raise ImageError(f"{name}: {image.shape[1]}x{image.shape[0]} exceeds the limit of {MAX_PIXELS:,} pixels")
+    if image.dtype == np.uint8:
+        a = image
+    elif np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all():
+            raise ImageError(f"{name}: array holds NaN or Inf")
+        if image.min() < 0 or image.max() > 255:
+            raise ImageError(f"{name}: float values must lie in [0, 255], got [{image.min():.3g}, {image.max():.3g}]")
+        a = (image + 0.5).astype(np.uint8)
+    else:
+        raise ImageError(f"{name}: unsupported dtype {image.dtype} (use uint8, or float in [0, 255])")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    elif a.shape[2] == 4:
+        a = a[..., :3]
+    return np.ascontiguousarray(a)

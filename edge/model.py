@@ -1,0 +1,169 @@
+"""RetinaFace with a MobileNet-0.25 backbone, a 3-level FPN, SSH context modules and per-level heads.
+
+Module names follow Pytorch_Retinaface's, so its checkpoints load with a strict key check.
+`forward` returns raw, separate, named tensors (see `edge.contract.ModelSpec`): no
+concatenation of unlike heads, no NMS, no train/inference branching.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge.contract import ModelSpec
+
+
+def _act(slope: float) -> nn.Module:
+    return nn.ReLU(inplace=True) if slope == 0.0 else nn.LeakyReLU(slope, inplace=True)
+
+
+def conv_bn(inp: int, oup: int, stride: int = 1, kernel: int = 3, slope: float = 0.0, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(inp, oup, kernel, stride, kernel // 2, bias=False),
+        nn.BatchNorm2d(oup),
+    ]
+    if act:
+        layers.append(_act(slope))
+    return nn.Sequential(*layers)
+
+
+def conv_dw(inp: int, oup: int, stride: int, slope: float) -> nn.Sequential:
+    """Depthwise 3x3 + BN + act, then pointwise 1x1 + BN + act (indices 0..5 as in the checkpoints)."""
+    return nn.Sequential(
+        nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False),
+        nn.BatchNorm2d(inp),
+        _act(slope),
+        nn.Conv2d(inp, oup, 1, 1, 0, bias=False),
+        nn.BatchNorm2d(oup),
+        _act(slope),
+    )
+
+
+class MobileNetV1025(nn.Module):
+    """MobileNetV1 at width 0.25; returns the stride 8, 16 and 32 feature maps (64, 128, 256 ch)."""
+
+    def __init__(self, slope: float):
+        super().__init__()
+        self.stage1 = nn.Sequential(
+            conv_bn(3, 8, 2, slope=slope),
+            conv_dw(8, 16, 1, slope),
+            conv_dw(16, 32, 2, slope),
+            conv_dw(32, 32, 1, slope),
+            conv_dw(32, 64, 2, slope),
+            conv_dw(64, 64, 1, slope),
+        )
+        self.stage2 = nn.Sequential(
+            conv_dw(64, 128, 2, slope),
+            *[conv_dw(128, 128, 1, slope) for _ in range(5)],
+        )
+        self.stage3 = nn.Sequential(conv_dw(128, 256, 2, slope), conv_dw(256, 256, 1, slope))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c3 = self.stage1(x)
+        c4 = self.stage2(c3)
+        c5 = self.stage3(c4)
+        return c3, c4, c5
+
+
+class FPN(nn.Module):
+    def __init__(self, in_channels: tuple[int, int, int], out: int, slope: float):
+        super().__init__()
+        self.output1 = conv_bn(in_channels[0], out, kernel=1, slope=slope)
+        self.output2 = conv_bn(in_channels[1], out, kernel=1, slope=slope)
+        self.output3 = conv_bn(in_channels[2], out, kernel=1, slope=slope)
+        self.merge1 = conv_bn(out, out, slope=slope)
+        self.merge2 = conv_bn(out, out, slope=slope)
+
+    def forward(self, feats):
+        o1 = self.output1(feats[0])
+        o2 = self.output2(feats[1])
+        o3 = self.output3(feats[2])
+        # Inputs are multiples of 32, so every level is exactly twice the next one; a fixed
+        # scale factor (not size=tensor.shape) keeps the graph static for every exporter.
+        o2 = self.merge2(o2 + F.interpolate(o3, scale_factor=2.0, mode="nearest"))
+        o1 = self.merge1(o1 + F.interpolate(o2, scale_factor=2.0, mode="nearest"))
+        return o1, o2, o3
+
+
+class SSH(nn.Module):
+    """Single Stage Headless context module: 3x3, 5x5 and 7x7 receptive fields, concatenated."""
+
+    def __init__(self, inp: int, out: int, slope: float):
+        super().__init__()
+        if out % 4:
+            raise ValueError(f"SSH output channels must be a multiple of 4, got {out}")
+        self.conv3X3 = conv_bn(inp, out // 2, act=False)
+        self.conv5X5_1 = conv_bn(inp, out // 4, slope=slope)
+        self.conv5X5_2 = conv_bn(out // 4, out // 4, act=False)
+        self.conv7X7_2 = conv_bn(out // 4, out // 4, slope=slope)
+        self.conv7x7_3 = conv_bn(out // 4, out // 4, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c3 = self.conv3X3(x)
+        c5_1 = self.conv5X5_1(x)
+        c5 = self.conv5X5_2(c5_1)
+        c7 = self.conv7x7_3(self.conv7X7_2(c5_1))
+        return F.relu(torch.cat([c3, c5, c7], dim=1))
+
+
+class _Head(nn.Module):
+    """1x1 conv producing `width` values per anchor; output (B, H*W*anchors, width) in NHWC order."""
+
+    def __init__(self, inp: int, anchors: int, width: int):
+        super().__init__()
+        self.width = width
+        self.conv1x1 = nn.Conv2d(inp, anchors * width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1x1(x).permute(0, 2, 3, 1)
+        return y.reshape(y.shape[0], -1, self.width)
+
+
+class RetinaFace(nn.Module):
+    """RetinaFace-MobileNet-0.25.
+
+    Input: (B, 3, H, W) float32, BGR minus mean (see `ModelSpec`), H and W multiples of 32.
+    Output: dict name -> tensor in `spec.output_names` order; `conf` holds softmax probabilities.
+    """
+
+    def __init__(self, spec: ModelSpec | None = None):
+        super().__init__()
+        self.spec = spec or ModelSpec()
+        slope = self.spec.arch.leaky_slope
+        ch = self.spec.fpn_channels
+        na = self.spec.arch.anchors_per_cell
+        self.body = MobileNetV1025(slope)
+        self.fpn = FPN((64, 128, 256), ch, slope)
+        self.ssh1 = SSH(ch, ch, slope)
+        self.ssh2 = SSH(ch, ch, slope)
+        self.ssh3 = SSH(ch, ch, slope)
+        self.ClassHead = nn.ModuleList(_Head(ch, na, 2) for _ in range(3))
+        self.BboxHead = nn.ModuleList(_Head(ch, na, 4) for _ in range(3))
+        self.LandmarkHead = nn.ModuleList(_Head(ch, na, 10) for _ in range(3))
+        if self.spec.mesh_vertices:
+            self.MeshHead = nn.ModuleList(_Head(ch, na, 3 * self.spec.mesh_vertices) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        p = self.fpn(self.body(x))
+        feats = (self.ssh1(p[0]), self.ssh2(p[1]), self.ssh3(p[2]))
+        out = {
+            "loc": torch.cat([h(f) for h, f in zip(self.BboxHead, feats)], dim=1),
+            "conf": F.softmax(torch.cat([h(f) for h, f in zip(self.ClassHead, feats)], dim=1), dim=-1),
+            "landmarks": torch.cat([h(f) for h, f in zip(self.LandmarkHead, feats)], dim=1),
+        }
+        if self.spec.mesh_vertices:
+            out["mesh"] = torch.cat([h(f) for h, f in zip(self.MeshHead, feats)], dim=1)
+        return out
+
+
+class TupleOutputs(nn.Module):
+    """Wraps a model so that it returns a tuple in `spec.output_names` order (for exporters)."""
+
+    def __init__(self, model: RetinaFace):
+        super().__init__()
+        self.model = model
+        self.names = model.spec.output_names
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(x)
+        return tuple(out[n] for n in self.names)

@@ -1,0 +1,66 @@
+"""One pipeline: numpy pre-processing -> any runner -> numpy post-processing."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.anchors import priors
+from edge.contract import ModelSpec
+from edge.image_io import check_image_array, load_image
+from edge.postprocess import Detections, decode_detections, rescale
+from edge.preprocess import Prepared, prepare
+from edge.runners import Outputs, Runner
+
+
+@dataclass
+class PostConfig:
+    score_threshold: float = 0.5
+    nms_threshold: float = 0.4
+    top_k: int = 5000
+    keep_top_k: int = 750
+
+
+class Pipeline:
+    """image (path or BGR array) -> Detections in original pixels.
+
+    runner: callable (1, 3, H, W) float32 -> {"loc", "conf", "landmarks"[, "mesh"]} numpy arrays.
+    """
+
+    def __init__(self, runner: Runner, spec: ModelSpec, post: PostConfig | None = None):
+        self.runner = runner
+        self.spec = spec
+        self.post = post or PostConfig()
+        self._priors: dict[tuple[int, int], np.ndarray] = {}
+
+    def priors_for(self, hw: tuple[int, int]) -> np.ndarray:
+        if hw not in self._priors:
+            self._priors[hw] = priors(hw[0], hw[1], self.spec.arch.min_sizes, self.spec.steps)
+        return self._priors[hw]
+
+    def preprocess(self, image) -> Prepared:
+        img = load_image(image) if isinstance(image, (str, Path)) else check_image_array(image)
+        return prepare(img, self.spec)
+
+    def postprocess(self, outputs: Outputs, prep: Prepared, batch_index: int = 0) -> Detections:
+        one = {k: v[batch_index] for k, v in outputs.items()}
+        det = decode_detections(
+            one,
+            self.priors_for(prep.input_hw),
+            prep.input_hw,
+            variances=self.spec.variances,
+            score_threshold=self.post.score_threshold,
+            nms_threshold=self.post.nms_threshold,
+            top_k=self.post.top_k,
+            keep_top_k=self.post.keep_top_k,
+        )
+        return rescale(det, prep.scale, prep.pad, prep.image_hw)
+
+    def run_raw(self, image) -> tuple[Prepared, Outputs]:
+        prep = self.preprocess(image)
+        return prep, self.runner(prep.tensor)
+
+    def __call__(self, image) -> Detections:
+        prep, out = self.run_raw(image)
+        return self.postprocess(out, prep)

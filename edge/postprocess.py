@@ -1,0 +1,144 @@
+"""Post-processing: score threshold, top-k, NMS, and rescaling to the original image. Pure numpy.
+
+Box convention: (x1, y1, x2, y2) in pixels, continuous coordinates, area = (x2 - x1) * (y2 - y1)
+(no "+1"), as torchvision's `box_iou`/`nms`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.anchors import decode_boxes, decode_points
+
+
+@dataclass
+class Detections:
+    """Faces of one image, sorted by descending score.
+
+    boxes (N, 4) float32 x1, y1, x2, y2 in pixels; scores (N,) float32 in [0, 1];
+    landmarks (N, 5, 2) float32 pixels (right eye, left eye, nose, right and left mouth corner);
+    mesh (N, V, 3) float32 (x, y in pixels, z in the same scale) or None.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    landmarks: np.ndarray
+    mesh: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def take(self, idx) -> "Detections":
+        return Detections(self.boxes[idx], self.scores[idx], self.landmarks[idx], None if self.mesh is None else self.mesh[idx])
+
+    def to_json(self) -> list[dict]:
+        faces = []
+        for i in range(len(self)):
+            f = {
+                "box": [round(float(v), 2) for v in self.boxes[i]],
+                "score": round(float(self.scores[i]), 5),
+                "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks[i]],
+            }
+            if self.mesh is not None:
+                f["mesh"] = [[round(float(v), 2) for v in p] for p in self.mesh[i]]
+            faces.append(f)
+        return faces
+
+    @staticmethod
+    def empty(mesh_vertices: int = 0) -> "Detections":
+        return Detections(
+            np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0, 5, 2), np.float32),
+            np.zeros((0, mesh_vertices, 3), np.float32) if mesh_vertices else None,
+        )
+
+
+def box_area(b: np.ndarray) -> np.ndarray:
+    return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, 4) x (M, 4) -> (N, M) IoU; 0 where the union is empty."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS. Returns indices of kept boxes, by descending score (ties: lower index first).
+
+    A box is suppressed when its IoU with a kept, higher-ranked box is > iou_threshold.
+    """
+    order = np.argsort(-scores, kind="stable")
+    b = boxes[order].astype(np.float64)
+    areas = box_area(b)
+    keep = []
+    alive = np.ones(len(order), dtype=bool)
+    for i in range(len(order)):
+        if not alive[i]:
+            continue
+        keep.append(order[i])
+        rest = np.nonzero(alive[i + 1:])[0] + i + 1
+        if rest.size == 0:
+            break
+        lt = np.maximum(b[i, :2], b[rest, :2])
+        rb = np.minimum(b[i, 2:], b[rest, 2:])
+        inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+        union = areas[i] + areas[rest] - inter
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+        alive[rest[iou > iou_threshold]] = False
+    return np.asarray(keep, dtype=np.int64)
+
+
+def decode_detections(
+    outputs: dict[str, np.ndarray],
+    pri: np.ndarray,
+    input_hw: tuple[int, int],
+    *,
+    variances=(0.1, 0.2),
+    score_threshold: float = 0.5,
+    nms_threshold: float = 0.4,
+    top_k: int = 5000,
+    keep_top_k: int = 750,
+) -> Detections:
+    """Raw outputs of one image (each (A, C), batch dim removed) -> Detections in input pixels.
+
+    Steps, as the reference implementation: keep scores > score_threshold, the top_k of those,
+    decode, NMS, then at most keep_top_k faces.
+    """
+    h, w = input_hw
+    scores = outputs["conf"][:, 1].astype(np.float32)
+    idx = np.nonzero(scores > score_threshold)[0]
+    idx = idx[np.argsort(-scores[idx], kind="stable")][:top_k]
+    p = pri[idx]
+    boxes = decode_boxes(outputs["loc"][idx], p, variances) * np.array([w, h, w, h], np.float32)
+    lms = decode_points(outputs["landmarks"][idx], p, variances) * np.array([w, h], np.float32)
+    mesh = None
+    if "mesh" in outputs:
+        raw = outputs["mesh"][idx].reshape(len(idx), -1, 3).astype(np.float32)
+        xy = decode_points(raw[..., :2].reshape(len(idx), -1), p, variances) * np.array([w, h], np.float32)
+        # z shares the x scale: offset from the anchor centre's depth 0, in anchor widths
+        z = raw[..., 2:] * variances[0] * p[:, None, 2:3] * w
+        mesh = np.concatenate([xy, z], axis=-1)
+    det = Detections(boxes.astype(np.float32), scores[idx], lms.astype(np.float32), mesh)
+    keep = nms(det.boxes, det.scores, nms_threshold)[:keep_top_k]
+    return det.take(keep)
+
+
+def rescale(det: Detections, scale: float, pad_xy: tuple[float, float], image_hw: tuple[int, int]) -> Detections:
+    """Input-pixel detections -> original image pixels (undo letterbox scale and padding); boxes clipped."""
+    px, py = pad_xy
+    h, w = image_hw
+    off = np.array([px, py], np.float32)
+    boxes = (det.boxes - np.concatenate([off, off])) / scale
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+    lms = (det.landmarks - off) / scale
+    mesh = None
+    if det.mesh is not None:
+        mesh = det.mesh.copy()
+        mesh[..., :2] = (mesh[..., :2] - off) / scale
+        mesh[..., 2] /= scale
+    return Detections(boxes.astype(np.float32), det.scores, lms.astype(np.float32), mesh)

@@ -1,0 +1,78 @@
+"""Pre-processing in numpy only: resize, letterbox or pad, normalise, NCHW.
+
+Two modes, from `ModelSpec.input_size`:
+  int S: aspect-preserving resize so the long side is S, placed top-left on an S x S canvas;
+  None ("native"): the image at its own size, padded bottom/right to a multiple of 32.
+Padding holds the mean colour, i.e. zeros after normalisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.contract import ModelSpec
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """tensor: (1, 3, H, W) float32 network input; scale: input px per original px;
+    pad: (x, y) offset of the image on the canvas; image_hw: original (H, W)."""
+
+    tensor: np.ndarray
+    scale: float
+    pad: tuple[float, float]
+    image_hw: tuple[int, int]
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.tensor.shape[2], self.tensor.shape[3]
+
+
+def _axis_weights(src: int, dst: int):
+    """Bilinear taps with half-pixel centres (OpenCV INTER_LINEAR's convention, no antialiasing)."""
+    x = (np.arange(dst, dtype=np.float64) + 0.5) * (src / dst) - 0.5
+    x = np.clip(x, 0, src - 1)
+    i0 = np.floor(x).astype(np.int64)
+    i1 = np.minimum(i0 + 1, src - 1)
+    f = (x - i0).astype(np.float32)
+    return i0, i1, f
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W, C) uint8/float -> (height, width, C) float32, bilinear."""
+    if image.shape[:2] == (height, width):
+        return image.astype(np.float32)
+    y0, y1, fy = _axis_weights(image.shape[0], height)
+    x0, x1, fx = _axis_weights(image.shape[1], width)
+    img = image.astype(np.float32, copy=False)
+    rows = img[y0] * (1 - fy)[:, None, None] + img[y1] * fy[:, None, None]
+    return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+
+
+def round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def prepare(image_bgr: np.ndarray, spec: ModelSpec) -> Prepared:
+    """BGR uint8 (H, W, 3) -> Prepared network input following `spec`."""
+    h, w = image_bgr.shape[:2]
+    if spec.input_size is None:
+        scale = 1.0
+        nh, nw = h, w
+        ch, cw = round_up(h, spec.pad_multiple), round_up(w, spec.pad_multiple)
+        resized = image_bgr.astype(np.float32)
+    else:
+        size = spec.input_size
+        if size % spec.pad_multiple:
+            raise ValueError(f"input size {size} is not a multiple of {spec.pad_multiple}")
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        ch = cw = size
+        resized = resize_bilinear(image_bgr, nh, nw)
+    x = np.zeros((ch, cw, 3), np.float32)
+    mean = np.asarray(spec.mean, np.float32)
+    std = np.asarray(spec.std, np.float32)
+    x[:nh, :nw] = (resized - mean) / std
+    tensor = np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    return Prepared(tensor, scale, (0.0, 0.0), (h, w))

@@ -1,0 +1,58 @@
+"""Built-in sample images: only pictures the project may use on a fresh machine.
+
+- grace_hopper: Rear Admiral Grace Hopper, U.S. Navy official photograph (public domain), shipped
+  inside the matplotlib wheel as mpl-data/sample_data/grace_hopper.jpg.
+- scene: a multi-face test scene composed from that photograph at several scales, flipped and
+  tone-shifted, on a textured background (deterministic; nothing downloaded).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge.image_io import load_image
+from edge.preprocess import resize_bilinear
+
+
+def grace_hopper_path() -> Path:
+    import matplotlib
+
+    p = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not p.is_file():
+        raise FileNotFoundError(f"matplotlib's sample photograph is missing: {p}")
+    return p
+
+
+def grace_hopper() -> np.ndarray:
+    """BGR uint8 (600, 512, 3)."""
+    return load_image(grace_hopper_path())
+
+
+def scene(seed: int = 0, size: tuple[int, int] = (720, 1280), faces: int = 7) -> np.ndarray:
+    """BGR uint8 (H, W, 3): copies of the portrait's head region at several scales on a background."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = 90 + 40 * np.sin(xx / (37 + 20 * rng.random())) * np.cos(yy / (53 + 20 * rng.random()))
+    canvas = np.stack([base + rng.integers(-30, 30) for _ in range(3)], axis=-1)
+    canvas += rng.normal(0, 6, canvas.shape)
+    src = grace_hopper().astype(np.float32)
+    head = src[20:420, 56:456]  # 400 x 400 crop around the face
+    boxes: list[tuple[int, int, int]] = []
+    for _ in range(faces * 50):
+        if len(boxes) == faces:
+            break
+        side = int(rng.choice([80, 110, 160, 240, 330]))
+        if side >= min(h, w):
+            continue
+        y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+        if any(x < bx + bs and bx < x + side and y < by + bs and by < y + side for by, bx, bs in boxes):
+            continue
+        boxes.append((y, x, side))
+        patch = resize_bilinear(head, side, side)
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        patch = patch * rng.uniform(0.7, 1.2) + rng.uniform(-20, 20)
+        canvas[y:y + side, x:x + side] = patch
+    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8)

