@@ -79,7 +79,7 @@ def test_pickled_code_refused(tmp_path, capsys):
 def test_other_architecture_names_the_keys(tmp_path):
     p = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 512)}, p)
-    with pytest.raises(WeightsError, match=r"missing keys \(body\.stage1.*unexpected keys \(conv1\.weight, fc\.weight\)"):
+    with pytest.raises(WeightsError, match=r"300 missing keys \(BboxHead.*; 2 unexpected keys \(conv1\.weight, fc\.weight\)"):
         load_weights(p)
 
 
