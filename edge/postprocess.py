@@ -66,10 +66,11 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_keep: int | None = None) -> np.ndarray:
     """Greedy NMS. Returns indices of kept boxes, by descending score (ties: lower index first).
 
     A box is suppressed when its IoU with a kept, higher-ranked box is > iou_threshold.
+    max_keep: stop once that many are kept (the same first max_keep as a full run).
     """
     order = np.argsort(-scores, kind="stable")
     b = boxes[order].astype(np.float64)
@@ -80,6 +81,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
         if not alive[i]:
             continue
         keep.append(order[i])
+        if max_keep is not None and len(keep) >= max_keep:
+            break
         rest = np.nonzero(alive[i + 1:])[0] + i + 1
         if rest.size == 0:
             break
@@ -123,7 +126,7 @@ def decode_detections(
         z = raw[..., 2:] * variances[0] * p[:, None, 2:3] * w
         mesh = np.concatenate([xy, z], axis=-1)
     det = Detections(boxes.astype(np.float32), scores[idx], lms.astype(np.float32), mesh)
-    keep = nms(det.boxes, det.scores, nms_threshold)[:keep_top_k]
+    keep = nms(det.boxes, det.scores, nms_threshold, max_keep=keep_top_k)
     return det.take(keep)
 
 
