@@ -1,16 +1,84 @@
-"""`edge-convert`: until the converters land, say what is coming and exit non-zero."""
+"""`edge-convert`: the model -> a bundle for one target (or all), and what the bundle is."""
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
+
+from converters.base import PRECISIONS
+from converters.registry import TARGET_MODULES, capabilities
+from edge.errors import ConfigError, EdgeError
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def targets_table() -> str:
+    rows = ["target    precisions            converts with               runs with"]
+    for t in TARGET_MODULES:
+        c = capabilities(t)
+        rows.append(f"{t:<9} {', '.join(c.routes):<21} {', '.join(c.convert_requires):<26} {' | '.join(c.run_requires)}")
+        for p, route in c.routes.items():
+            rows.append(f"{'':<9}   {p}: {route}")
+    return "\n".join(rows)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from edge.cli import input_size_arg
+
+    ap = argparse.ArgumentParser(prog="edge-convert", description="Convert RetinaFace-MobileNet-0.25 to an edge runtime bundle.")
+    ap.add_argument("--target", choices=[*TARGET_MODULES, "all"], help="runtime to convert for")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="fp32 | fp16 | int8 (weights and activations) | int8w (int8 weights only)")
+    ap.add_argument("--weights", default="default", help="registry name or checkpoint path")
+    ap.add_argument("--arch", default=None, help="configuration of an unknown checkpoint")
+    ap.add_argument("--input-size", type=input_size_arg, default=640, help="square input side, a multiple of 32")
+    ap.add_argument("--calib", default=None, help="int8 calibration: a folder of images or a set built by calib_data.build")
+    ap.add_argument("--calib-count", type=int, default=32, help="images taken from a --calib folder (default 32)")
+    ap.add_argument("--out", default=None, help="bundle folder (for --target all: the parent folder)")
+    ap.add_argument("--list", action="store_true", help="print the targets table and exit")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
 
 
 def main(argv=None) -> int:
-    print(
-        "edge-convert: the converters (onnx, tflite, coreml, openvino at fp32/fp16/int8) are not built yet; "
-        "use `edge detect` with --weights for now.",
-        file=sys.stderr,
-    )
-    return 1
+    ap = make_parser()
+    args = ap.parse_args(argv)
+    if args.list:
+        print(targets_table())
+        return 0
+    if not args.target:
+        ap.error("--target is required (or --list)")
+    from converters.api import convert, default_out
+
+    try:
+        if args.input_size is None:
+            raise ConfigError("bundles have a fixed input size; 'native' is for edge detect/eval with --weights")
+        targets = list(TARGET_MODULES) if args.target == "all" else [args.target]
+        for t in targets:  # refuse before any work
+            capabilities(t).check(args.precision)
+        results = []
+        for t in targets:
+            out = args.out
+            if args.target == "all":
+                out = Path(args.out or "bundles") / f"retinaface-{t}-{args.precision}-{args.input_size}"
+            results.append(convert(t, args.precision, weights=args.weights, arch=args.arch, input_size=args.input_size,
+                                   calib=args.calib, calib_count=args.calib_count, out=out, progress=not args.quiet))
+    except EdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no bundle was written", file=sys.stderr)
+        return 130
+    print()
+    print(f"{'target':<9} {'precision':<9} {'size':>9}  {'golden recall':>13}  {'mean IoU':>8}  {'s':>5}  bundle")
+    for r in results:
+        c = r.golden_check
+        rec = f"{c['recall']:.3f}" if c else "not run here"
+        iou = f"{c['mean_iou']:.4f}" if c and c.get("mean_iou") is not None else "-"
+        print(f"{r.target:<9} {r.precision:<9} {_size(r.model_bytes):>9}  {rec:>13}  {iou:>8}  {r.seconds:>5.0f}  {r.bundle}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,164 @@
+"""The conversion API behind `edge-convert`: model -> bundle, validated before any work."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from converters.base import ConvertOptions, minimal_metadata, tool_version
+from converters.bundle import FORMAT_VERSION, atomic_folder, git_revision, write_metadata
+from converters.registry import TARGET_MODULES, target_module
+from edge.errors import ConfigError
+
+GOLDEN_TOP_K = 256  # anchors per image kept in golden.npz (the reference's highest face scores)
+TOOLS = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "litert-torch", "ai-edge-litert", "ai-edge-quantizer",
+         "torchao", "openvino", "nncf", "coremltools")
+
+
+@dataclass
+class ConvertResult:
+    bundle: Path
+    target: str
+    precision: str
+    model_bytes: int
+    seconds: float
+    golden_check: dict | None
+
+
+def parity_images(size: int, mean) -> tuple[np.ndarray, list[str]]:
+    """The fixed parity set stored in every bundle: built-in pictures only, letterboxed uint8."""
+    from calib_data.build import letterbox_uint8
+    from edge.samples import grace_hopper, scene
+
+    imgs = [("grace_hopper", grace_hopper()), ("scene_a", scene(11, (720, 1280), 8)), ("scene_b", scene(12, (1080, 1080), 10))]
+    return np.stack([letterbox_uint8(im, size, mean) for _, im in imgs]), [n for n, _ in imgs]
+
+
+def _canvas_tensor(canvas: np.ndarray, spec) -> np.ndarray:
+    mean = np.asarray(spec.mean, np.float32)
+    std = np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(((canvas.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None])
+
+
+def golden(model, spec, size: int) -> dict[str, np.ndarray]:
+    """FP32 reference on the parity set: canvases, top-k anchors' raw outputs, decoded detections."""
+    from edge.pipeline import Pipeline
+    from edge.preprocess import Prepared
+    from edge.runners import TorchRunner
+
+    canvases, names = parity_images(size, spec.mean)
+    runner = TorchRunner(model)
+    pipe = Pipeline(runner, spec)
+    g: dict[str, list] = {"anchor_idx": [], "det_boxes": [], "det_scores": [], "det_landmarks": [], "det_count": []}
+    for n in spec.output_names:
+        g[f"ref_{n}"] = []
+    for c in canvases:
+        x = _canvas_tensor(c, spec)
+        out = runner(x)
+        idx = np.argsort(-out["conf"][0, :, 1], kind="stable")[:GOLDEN_TOP_K]
+        g["anchor_idx"].append(idx)
+        for n in spec.output_names:
+            g[f"ref_{n}"].append(out[n][0, idx])
+        det = pipe.postprocess(out, Prepared(x, 1.0, (0.0, 0.0), (size, size)))
+        g["det_boxes"].append(det.boxes)
+        g["det_scores"].append(det.scores)
+        g["det_landmarks"].append(det.landmarks)
+        g["det_count"].append(len(det))
+    res = {"canvases": canvases, "names": np.array(names)}
+    for k, v in g.items():
+        res[k] = np.concatenate(v) if k.startswith("det_") and k != "det_count" else np.stack(v) if k != "det_count" else np.array(v)
+    return res
+
+
+def check_against_golden(runner, spec, gold: dict) -> dict:
+    """Run a candidate on the golden canvases: worst error on the stored anchors and detection recall."""
+    from edge.parity import detection_agreement
+    from edge.pipeline import Pipeline
+    from edge.postprocess import Detections
+    from edge.preprocess import Prepared
+
+    size = gold["canvases"].shape[1]
+    pipe = Pipeline(runner, spec)
+    worst = {n: 0.0 for n in spec.output_names}
+    recalls, ious = [], []
+    start = 0
+    for i, c in enumerate(gold["canvases"]):
+        x = _canvas_tensor(c, spec)
+        out = runner(x)
+        idx = gold["anchor_idx"][i]
+        for n in spec.output_names:
+            worst[n] = max(worst[n], float(np.abs(out[n][0, idx] - gold[f"ref_{n}"][i]).max()))
+        cnt = int(gold["det_count"][i])
+        ref = Detections(gold["det_boxes"][start:start + cnt], gold["det_scores"][start:start + cnt], gold["det_landmarks"][start:start + cnt])
+        start += cnt
+        cand = pipe.postprocess(out, Prepared(x, 1.0, (0.0, 0.0), (size, size)))
+        a = detection_agreement(ref, cand)
+        recalls.append(a["recall"])
+        ious.extend(a["iou"])
+    return {"max_abs_on_top_anchors": worst, "recall": float(np.mean(recalls)), "mean_iou": float(np.mean(ious)) if ious else None,
+            "images": len(gold["canvases"])}
+
+
+def default_out(target: str, precision: str, size: int) -> Path:
+    return Path("bundles") / f"retinaface-{target}-{precision}-{size}"
+
+
+def convert(target: str, precision: str = "fp32", *, weights: str = "default", arch: str | None = None, input_size: int = 640,
+            calib: str | None = None, calib_count: int = 32, out: str | Path | None = None, progress: bool = True) -> ConvertResult:
+    """Convert the model to one target's bundle. Unsupported requests raise ConfigError before any work."""
+    from calib_data.build import load_calibration
+    from edge.weights import load_weights
+
+    mod = target_module(target)
+    caps = mod.CAPABILITIES
+    caps.check(precision)
+    if input_size <= 0 or input_size % 32:
+        raise ConfigError(f"input size must be a positive multiple of 32, got {input_size}")
+    if calib is not None and precision != "int8":
+        raise ConfigError(f"--calib is only used for int8, not {precision}")
+    out = Path(out) if out else default_out(target, precision, input_size)
+    t0 = time.perf_counter()
+    model, info = load_weights(weights, arch=arch)
+    spec = model.spec.with_input_size(input_size)
+    model.spec = spec
+    cs = None
+    if precision == "int8":
+        cs = load_calibration(calib, input_size, calib_count, spec.mean, progress)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "target": target,
+        "precision": precision,
+        "spec": spec.to_dict(),
+        "anchors": {"min_sizes": spec.arch.min_sizes, "steps": spec.steps, "variances": spec.variances},
+        "weights": {"name": info.name, "sha256": info.sha256, "arch": info.arch.name, "known": info.known, "params": info.params},
+        "calibration": cs.summary() if cs is not None else None,
+        "tools": {t: tool_version(t) for t in TOOLS if tool_version(t)},
+        "python": platform.python_version(),
+        "git_revision": git_revision(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    meta_min = minimal_metadata(meta)
+    if progress:
+        print(f"edge-convert: {target} {precision} {input_size}x{input_size} from {info.describe()}", file=sys.stderr)
+    with atomic_folder(out) as tmp:
+        conv = mod.convert(model, spec, ConvertOptions(target, precision, input_size, calib, calib_count, progress), tmp, cs, meta_min)
+        gold = golden(model, spec, input_size)
+        np.savez_compressed(tmp / "golden.npz", **gold)
+        meta["model_file"] = conv.model_file
+        meta["quantization"] = conv.quantization
+        meta["format_metadata"] = conv.format_metadata
+        reason = caps.runs_here()
+        check = None
+        if reason is None:
+            runner = mod.load_runner(tmp, {**meta, "model_file": conv.model_file})
+            check = check_against_golden(runner, spec, gold)
+            check["runner"] = runner.name
+        meta["golden_check"] = check if check is not None else {"skipped": reason}
+        write_metadata(tmp, meta)
+        size_bytes = sum((tmp / f).stat().st_size for f in [conv.model_file, *conv.extra_files] if (tmp / f).is_file())
+    return ConvertResult(out, target, precision, size_bytes, time.perf_counter() - t0, check)

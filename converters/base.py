@@ -1,0 +1,103 @@
+"""What every target module shares: capabilities, options and the conversion result."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from edge.errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8w")
+PRECISION_DOC = {
+    "fp32": "float32 weights and compute",
+    "fp16": "float16 weights (compute as the runtime chooses)",
+    "int8": "int8 weights per channel and int8 activations (calibrated)",
+    "int8w": "int8 weights per channel, float compute (no calibration)",
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """One target's record in the registry.
+
+    routes: precision -> one line saying how it is produced (precisions not listed are refused).
+    convert_requires: Python modules needed to convert; run_requires: alternatives, any one of
+    which runs the bundle; runs_here: None when this host can run it, else the reason it cannot.
+    """
+
+    target: str
+    suffix: str
+    routes: dict[str, str]
+    convert_requires: tuple[str, ...]
+    run_requires: tuple[str, ...]
+    extra: str
+    runs_here: Callable[[], str | None] = lambda: None
+
+    def check(self, precision: str) -> None:
+        """Refuse an unsupported request before any work, with the reason."""
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        if precision not in self.routes:
+            raise ConfigError(
+                f"{self.target} does not offer {precision} ({PRECISION_DOC[precision]}); it offers {', '.join(self.routes)}"
+            )
+        missing = [m for m in self.convert_requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(
+                f"{self.target} conversion needs {', '.join(missing)}: pip install 'retinaface-edge[{self.extra}]'"
+            )
+
+
+@dataclass
+class ConvertOptions:
+    target: str
+    precision: str = "fp32"
+    input_size: int = 640
+    calib: str | None = None  # folder of images, a built .npz, or None for the built-in set
+    calib_count: int = 32
+    progress: bool = True
+
+
+@dataclass
+class Converted:
+    """What a target's convert() wrote into the work folder."""
+
+    model_file: str  # file or folder name inside the bundle
+    quantization: dict = field(default_factory=dict)
+    format_metadata: str = ""  # where the minimal metadata copy went
+    extra_files: list[str] = field(default_factory=list)
+
+
+def step(progress: bool, msg: str) -> None:
+    if progress:
+        import sys
+
+        print(f"  - {msg}", file=sys.stderr, flush=True)
+
+
+def tool_version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def minimal_metadata(meta: dict) -> dict[str, str]:
+    """The small copy of the metadata stored in the format's own slot (all values strings)."""
+    import json
+
+    spec = meta["spec"]
+    return {
+        "retinaface_edge.format_version": str(meta["format_version"]),
+        "retinaface_edge.precision": meta["precision"],
+        "retinaface_edge.input": f"{spec['layout']} {spec['channel_order']} mean {spec['mean']} std {spec['std']}",
+        "retinaface_edge.spec": json.dumps(spec, separators=(",", ":")),
+        "retinaface_edge.weights_sha256": meta["weights"]["sha256"],
+    }
+
+
+def model_path(workdir: Path, name: str) -> Path:
+    return workdir / name

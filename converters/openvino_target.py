@@ -1,0 +1,98 @@
+"""OpenVINO IR: ov.convert_model from the PyTorch model; fp16 by compressing weights at save;
+int8 with NNCF post-training quantisation (per-channel int8 weights, u8 activations, the
+PERFORMANCE preset) on the calibration set."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from converters.base import Capabilities, ConvertOptions, Converted, step
+from edge.model import TupleOutputs
+
+CAPABILITIES = Capabilities(
+    target="openvino",
+    suffix=".xml",
+    routes={
+        "fp32": "ov.convert_model(torch model)",
+        "fp16": "ov.convert_model, saved with compress_to_fp16 (fp16 weights)",
+        "int8": "ov.convert_model, then nncf.quantize (PERFORMANCE preset, per-channel weights)",
+    },
+    convert_requires=("openvino", "nncf"),
+    run_requires=("openvino",),
+    extra="openvino",
+)
+
+
+def _to_ov(model, spec, size: int):
+    import openvino as ov
+
+    x = torch.zeros(1, 3, size, size)
+    m = ov.convert_model(TupleOutputs(model).eval(), example_input=x, input=[1, 3, size, size])
+    m.inputs[0].get_tensor().set_names({"input"})
+    for out, name in zip(m.outputs, spec.output_names):
+        out.get_tensor().set_names({name})
+    return m
+
+
+def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: dict[str, str]) -> Converted:
+    import openvino as ov
+
+    step(opts.progress, "ov.convert_model")
+    m = _to_ov(model, spec, opts.input_size)
+    quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
+    if opts.precision == "int8":
+        import nncf
+
+        step(opts.progress, f"nncf.quantize on {len(calib)} calibration images")
+        data = list(calib.tensors(spec))
+        m = nncf.quantize(m, nncf.Dataset(data), subset_size=len(data), preset=nncf.QuantizationPreset.PERFORMANCE)
+        quant.update({"weights": "int8 per-channel symmetric", "activations": "u8/i8 per-tensor (NNCF PERFORMANCE preset)"})
+    for k, v in meta_min.items():
+        m.set_rt_info(v, ["retinaface_edge", k.split(".", 1)[1]])
+    ov.save_model(m, str(workdir / "model.xml"), compress_to_fp16=opts.precision == "fp16")
+    quant.update(op_summary(workdir / "model.xml"))
+    return Converted("model.xml", quant, "OpenVINO rt_info 'retinaface_edge'", extra_files=["model.bin"])
+
+
+def op_summary(path: Path) -> dict:
+    import openvino as ov
+
+    m = ov.Core().read_model(str(path))
+    counts: dict[str, int] = {}
+    for op in m.get_ordered_ops():
+        t = op.get_type_name()
+        if t in ("Constant", "Parameter", "Result"):
+            continue
+        counts[t] = counts.get(t, 0) + 1
+    consts: dict[str, int] = {}
+    for op in m.get_ordered_ops():
+        if op.get_type_name() == "Constant" and len(op.get_output_shape(0)) == 4:
+            et = op.get_output_element_type(0).get_type_name()
+            consts[et] = consts.get(et, 0) + 1
+    return {"ops": dict(sorted(counts.items())), "conv_weight_types": consts}
+
+
+class OpenVINORunner:
+    def __init__(self, path: str | Path, output_names, threads: int | None = None, name: str = "openvino"):
+        import openvino as ov
+
+        core = ov.Core()
+        # The CPU plugin picks bf16 by itself on CPUs that report BF16 (this one does), which moves
+        # box offsets by up to ~0.9; pin f32 so an fp32 bundle computes in fp32 (int8 layers stay int8).
+        cfg = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            cfg["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(str(path), "CPU", cfg)
+        self.request = self.compiled.create_infer_request()
+        self.output_names = list(output_names)
+        self.name = name
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return {n: np.asarray(self.request.get_tensor(n).data, dtype=np.float32).copy() for n in self.output_names}
+
+
+def load_runner(bundle_dir: Path, meta: dict, threads: int | None = None):
+    return OpenVINORunner(bundle_dir / meta["model_file"], meta["spec"]["output_names"], threads, name=f"openvino-{meta['precision']}")

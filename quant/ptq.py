@@ -1,0 +1,28 @@
+"""Post-training quantisation with PT2E, shared by the TFLite and CoreML int8 routes.
+
+Per-channel symmetric int8 weights (per-tensor collapses the depthwise convolutions of this
+network), int8 per-tensor activations from histogram observers over the calibration set.
+"""
+from __future__ import annotations
+
+import torch
+
+from edge.model import TupleOutputs
+
+
+def pt2e_calibrated(model, spec, calib, progress: bool = True):
+    """-> (prepared-and-observed GraphModule, quantizer). Call torchao's convert_pt2e on it
+    (fold_quantize=False for litert-torch, True for coremltools)."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from tqdm import tqdm
+
+    size = spec.input_size
+    x = torch.zeros(1, 3, size, size)
+    gm = torch.export.export(TupleOutputs(model).eval(), (x,)).module()
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    gm = prepare_pt2e(gm, quantizer)
+    with torch.no_grad():
+        for t in tqdm(list(calib.tensors(spec)), desc="calibrating", unit="img", disable=not progress):
+            gm(torch.from_numpy(t))
+    return gm, quantizer
