@@ -104,13 +104,38 @@ def check_against_golden(runner, spec, gold: dict) -> dict:
             "images": len(gold["canvases"])}
 
 
+def _max_change(a, b, spec) -> float:
+    """Worst raw-output change between two FP32 models on the parity images (equalisation must keep it ~1e-4)."""
+    from edge.runners import TorchRunner
+
+    canvases, _ = parity_images(spec.input_size, spec.mean)
+    ra, rb = TorchRunner(a), TorchRunner(b)
+    worst = 0.0
+    for c in canvases[:2]:
+        x = _canvas_tensor(c, spec)
+        oa, ob = ra(x), rb(x)
+        worst = max(worst, max(float(np.abs(oa[k] - ob[k]).max()) for k in oa))
+    return worst
+
+
+def path_bytes(p: Path) -> int:
+    """Size of a file, or of all files under a folder (an .mlpackage)."""
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size if p.is_file() else 0
+
+
 def default_out(target: str, precision: str, size: int) -> Path:
     return Path("bundles") / f"retinaface-{target}-{precision}-{size}"
 
 
 def convert(target: str, precision: str = "fp32", *, weights: str = "default", arch: str | None = None, input_size: int = 640,
-            calib: str | None = None, calib_count: int = 32, out: str | Path | None = None, progress: bool = True) -> ConvertResult:
-    """Convert the model to one target's bundle. Unsupported requests raise ConfigError before any work."""
+            calib: str | None = None, calib_count: int = 32, out: str | Path | None = None, progress: bool = True,
+            equalize: bool | None = None) -> ConvertResult:
+    """Convert the model to one target's bundle. Unsupported requests raise ConfigError before any work.
+
+    equalize: for int8, apply cross-layer equalisation to the backbone first (function-preserving);
+    None takes the target's measured default (`Capabilities.int8_equalize`)."""
     from calib_data.build import load_calibration
     from edge.weights import load_weights
 
@@ -145,8 +170,18 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     meta_min = minimal_metadata(meta)
     if progress:
         print(f"edge-convert: {target} {precision} {input_size}x{input_size} from {info.describe()}", file=sys.stderr)
+    qmodel, eq_report = model, None
+    if equalize is None:
+        equalize = caps.int8_equalize
+    if precision == "int8" and equalize:
+        from quant.equalize import equalize as cle
+
+        qmodel, eq_report = cle(model)
+        qmodel.spec = spec
+        eq_report["fp32_max_abs_change"] = _max_change(model, qmodel, spec)
     with atomic_folder(out) as tmp:
-        conv = mod.convert(model, spec, ConvertOptions(target, precision, input_size, calib, calib_count, progress), tmp, cs, meta_min)
+        conv = mod.convert(qmodel, spec, ConvertOptions(target, precision, input_size, calib, calib_count, progress), tmp, cs, meta_min)
+        conv.quantization["cross_layer_equalization"] = eq_report
         gold = golden(model, spec, input_size)
         np.savez_compressed(tmp / "golden.npz", **gold)
         meta["model_file"] = conv.model_file
@@ -160,5 +195,5 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
             check["runner"] = runner.name
         meta["golden_check"] = check if check is not None else {"skipped": reason}
         write_metadata(tmp, meta)
-        size_bytes = sum((tmp / f).stat().st_size for f in [conv.model_file, *conv.extra_files] if (tmp / f).is_file())
+        size_bytes = sum(path_bytes(tmp / f) for f in [conv.model_file, *conv.extra_files])
     return ConvertResult(out, target, precision, size_bytes, time.perf_counter() - t0, check)

@@ -33,6 +33,7 @@ class Capabilities:
     run_requires: tuple[str, ...]
     extra: str
     runs_here: Callable[[], str | None] = lambda: None
+    int8_equalize: bool = True  # cross-layer equalisation before int8 PTQ (measured per target)
 
     def check(self, precision: str) -> None:
         """Refuse an unsupported request before any work, with the reason."""

@@ -37,6 +37,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib", default=None, help="int8 calibration: a folder of images or a set built by calib_data.build")
     ap.add_argument("--calib-count", type=int, default=32, help="images taken from a --calib folder (default 32)")
     ap.add_argument("--out", default=None, help="bundle folder (for --target all: the parent folder)")
+    ap.add_argument("--equalize", choices=["auto", "on", "off"], default="auto",
+                    help="int8: cross-layer equalisation of the backbone before quantising (auto: per target, as measured)")
     ap.add_argument("--list", action="store_true", help="print the targets table and exit")
     ap.add_argument("--quiet", action="store_true")
     return ap
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
             if args.target == "all":
                 out = Path(args.out or "bundles") / f"retinaface-{t}-{args.precision}-{args.input_size}"
             results.append(convert(t, args.precision, weights=args.weights, arch=args.arch, input_size=args.input_size,
-                                   calib=args.calib, calib_count=args.calib_count, out=out, progress=not args.quiet))
+                                   calib=args.calib, calib_count=args.calib_count, out=out, progress=not args.quiet,
+                                   equalize={'auto': None, 'on': True, 'off': False}[args.equalize]))
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

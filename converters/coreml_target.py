@@ -103,23 +103,17 @@ def structure(path: Path) -> dict:
         return list(f.type.multiArrayType.shape)
 
     prog = spec.mlProgram
+    int8_types = {_dtype_enum("INT8"), _dtype_enum("UINT8")}
     ops: dict[str, int] = {}
     int8_consts = 0
     for fn in prog.functions.values():
         for block in fn.block_specializations.values():
             for op in block.operations:
                 ops[op.type] = ops.get(op.type, 0) + 1
-                if op.type.startswith("constexpr"):
-                    for out in op.outputs:
-                        pass
-                    for _, arg in op.inputs.items():
-                        for b in arg.arguments:
-                            if b.HasField("value") and b.value.type.tensorType.dataType in (_dtype_enum(ct, "INT8"), _dtype_enum(ct, "UINT8")):
-                                int8_consts += 1
-                if op.type == "const":
-                    for a in op.attributes.values():
-                        if a.type.tensorType.dataType in (_dtype_enum(ct, "INT8"), _dtype_enum(ct, "UINT8")) and len(a.type.tensorType.dimensions) >= 4:
-                            int8_consts += 1
+                # int8 weights: constexpr_affine_dequantize's quantized_data (conv kernels are rank 4)
+                q = op.attributes.get("quantized_data") if op.type.startswith("constexpr") else None
+                if q is not None and q.type.tensorType.dataType in int8_types and q.type.tensorType.rank >= 4:
+                    int8_consts += 1
     return {
         "inputs": {i.name: shape(i) for i in desc.input},
         "outputs": {o.name: shape(o) for o in desc.output},
@@ -128,7 +122,7 @@ def structure(path: Path) -> dict:
     }
 
 
-def _dtype_enum(ct, name: str) -> int:
+def _dtype_enum(name: str) -> int:
     from coremltools.proto import MIL_pb2
 
     return MIL_pb2.DataType.Value(name)

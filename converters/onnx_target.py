@@ -2,7 +2,8 @@
 
 fp16: onnxruntime's float16 converter (weights and compute fp16, float32 input/output).
 int8: onnxruntime static quantisation, QDQ format, int8 weights per channel, uint8 activations
-calibrated on the calibration set (MinMax). The PT2E program cannot be exported to ONNX QDQ
+calibrated on the calibration set (99.999th-percentile ranges: on group.jpg, recall of FP32 faces
+0.976 against 0.916 with MinMax, after cross-layer equalisation). The PT2E program cannot be exported to ONNX QDQ
 with int8 weights (it keeps fp32 weights and runs slower than fp32; see STACK-NOTES), so the
 ONNX int8 route quantises the exported fp32 graph instead.
 """
@@ -23,7 +24,7 @@ CAPABILITIES = Capabilities(
     routes={
         "fp32": "torch.onnx.export(dynamo=True), batch norms folded",
         "fp16": "fp32 export, then onnxruntime.transformers.float16 (float32 I/O kept)",
-        "int8": "fp32 export, then onnxruntime quantize_static: QDQ, int8 per-channel weights, uint8 activations",
+        "int8": "fp32 export, then onnxruntime quantize_static: QDQ, int8 per-channel weights, uint8 activations (percentile)",
     },
     convert_requires=("onnx", "onnxscript", "onnxruntime"),
     run_requires=("onnxruntime",),
@@ -87,12 +88,12 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         quantize_static(
             str(pre), str(out), _Reader(calib.tensors(spec)), quant_format=QuantFormat.QDQ, per_channel=True,
-            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
+            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.Percentile,
             # softmax output stays float: one [0, 1] scale for a probability pair gains nothing
             nodes_to_exclude=[n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Softmax"],
         )
         pre.unlink()
-        quant.update({"weights": "int8 per-channel symmetric", "activations": "uint8 per-tensor (MinMax)"})
+        quant.update({"weights": "int8 per-channel symmetric", "activations": "uint8 per-tensor asymmetric (99.999th percentile)"})
     if fp32.exists():
         fp32.unlink()
     _set_metadata(out, meta_min)

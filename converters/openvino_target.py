@@ -1,6 +1,6 @@
 """OpenVINO IR: ov.convert_model from the PyTorch model; fp16 by compressing weights at save;
-int8 with NNCF post-training quantisation (per-channel int8 weights, u8 activations, the
-PERFORMANCE preset) on the calibration set."""
+int8 with NNCF post-training quantisation (per-channel int8 weights, asymmetric u8 activations,
+the MIXED preset) on the calibration set."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,11 +17,12 @@ CAPABILITIES = Capabilities(
     routes={
         "fp32": "ov.convert_model(torch model)",
         "fp16": "ov.convert_model, saved with compress_to_fp16 (fp16 weights)",
-        "int8": "ov.convert_model, then nncf.quantize (PERFORMANCE preset, per-channel weights)",
+        "int8": "ov.convert_model, then nncf.quantize (MIXED preset: symmetric per-channel weights, asymmetric activations)",
     },
     convert_requires=("openvino", "nncf"),
     run_requires=("openvino",),
     extra="openvino",
+    int8_equalize=False,
 )
 
 
@@ -47,8 +48,10 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
 
         step(opts.progress, f"nncf.quantize on {len(calib)} calibration images")
         data = list(calib.tensors(spec))
-        m = nncf.quantize(m, nncf.Dataset(data), subset_size=len(data), preset=nncf.QuantizationPreset.PERFORMANCE)
-        quant.update({"weights": "int8 per-channel symmetric", "activations": "u8/i8 per-tensor (NNCF PERFORMANCE preset)"})
+        # MIXED (asymmetric activations) suits the LeakyReLU maps: on group.jpg recall of FP32 faces
+        # 0.988 vs 0.940 with PERFORMANCE (symmetric), and equalising first lowers it (0.976)
+        m = nncf.quantize(m, nncf.Dataset(data), subset_size=len(data), preset=nncf.QuantizationPreset.MIXED)
+        quant.update({"weights": "int8 per-channel symmetric", "activations": "u8 per-tensor asymmetric (NNCF MIXED preset)"})
     for k, v in meta_min.items():
         m.set_rt_info(v, ["retinaface_edge", k.split(".", 1)[1]])
     ov.save_model(m, str(workdir / "model.xml"), compress_to_fp16=opts.precision == "fp16")
@@ -68,7 +71,7 @@ def op_summary(path: Path) -> dict:
         counts[t] = counts.get(t, 0) + 1
     consts: dict[str, int] = {}
     for op in m.get_ordered_ops():
-        if op.get_type_name() == "Constant" and len(op.get_output_shape(0)) == 4:
+        if op.get_type_name() == "Constant" and len(op.get_output_shape(0)) >= 4:  # conv 4-D, group conv 5-D
             et = op.get_output_element_type(0).get_type_name()
             consts[et] = consts.get(et, 0) + 1
     return {"ops": dict(sorted(counts.items())), "conv_weight_types": consts}

