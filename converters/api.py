@@ -27,7 +27,7 @@ class ConvertResult:
     precision: str
     model_bytes: int
     seconds: float
-    golden_check: dict | None
+    parity: dict  # summary on the built-in pictures; passed None when the target cannot run here
 
 
 def parity_images(size: int, mean) -> tuple[np.ndarray, list[str]]:
@@ -73,35 +73,6 @@ def golden(model, spec, size: int) -> dict[str, np.ndarray]:
     for k, v in g.items():
         res[k] = np.concatenate(v) if k.startswith("det_") and k != "det_count" else np.stack(v) if k != "det_count" else np.array(v)
     return res
-
-
-def check_against_golden(runner, spec, gold: dict) -> dict:
-    """Run a candidate on the golden canvases: worst error on the stored anchors and detection recall."""
-    from edge.parity import detection_agreement
-    from edge.pipeline import Pipeline
-    from edge.postprocess import Detections
-    from edge.preprocess import Prepared
-
-    size = gold["canvases"].shape[1]
-    pipe = Pipeline(runner, spec)
-    worst = {n: 0.0 for n in spec.output_names}
-    recalls, ious = [], []
-    start = 0
-    for i, c in enumerate(gold["canvases"]):
-        x = _canvas_tensor(c, spec)
-        out = runner(x)
-        idx = gold["anchor_idx"][i]
-        for n in spec.output_names:
-            worst[n] = max(worst[n], float(np.abs(out[n][0, idx] - gold[f"ref_{n}"][i]).max()))
-        cnt = int(gold["det_count"][i])
-        ref = Detections(gold["det_boxes"][start:start + cnt], gold["det_scores"][start:start + cnt], gold["det_landmarks"][start:start + cnt])
-        start += cnt
-        cand = pipe.postprocess(out, Prepared(x, 1.0, (0.0, 0.0), (size, size)))
-        a = detection_agreement(ref, cand)
-        recalls.append(a["recall"])
-        ious.extend(a["iou"])
-    return {"max_abs_on_top_anchors": worst, "recall": float(np.mean(recalls)), "mean_iou": float(np.mean(ious)) if ious else None,
-            "images": len(gold["canvases"])}
 
 
 def _max_change(a, b, spec) -> float:
@@ -160,7 +131,8 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         "precision": precision,
         "spec": spec.to_dict(),
         "anchors": {"min_sizes": spec.arch.min_sizes, "steps": spec.steps, "variances": spec.variances},
-        "weights": {"name": info.name, "sha256": info.sha256, "arch": info.arch.name, "known": info.known, "params": info.params},
+        "weights": {"name": info.name, "path": str(Path(info.path).resolve()), "sha256": info.sha256, "arch": info.arch.name,
+                    "known": info.known, "params": info.params},
         "calibration": cs.summary() if cs is not None else None,
         "tools": {t: tool_version(t) for t in TOOLS if tool_version(t)},
         "python": platform.python_version(),
@@ -187,13 +159,23 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         meta["model_file"] = conv.model_file
         meta["quantization"] = conv.quantization
         meta["format_metadata"] = conv.format_metadata
+        from edge.parity import load_gates
+
         reason = caps.runs_here()
-        check = None
+        meta["gates"] = load_gates(target, precision)
+        write_metadata(tmp, meta)
         if reason is None:
-            runner = mod.load_runner(tmp, {**meta, "model_file": conv.model_file})
-            check = check_against_golden(runner, spec, gold)
-            check["runner"] = runner.name
-        meta["golden_check"] = check if check is not None else {"skipped": reason}
+            from edge.parity_cli import run_parity
+
+            if progress:
+                print("  - parity against the FP32 reference on the built-in pictures", file=sys.stderr)
+            runner = mod.load_runner(tmp, meta)
+            summary, *_ = run_parity(tmp, runner=runner, reference_model_obj=model)
+            meta["parity"] = {k: v for k, v in summary.items() if k != "gates"}
+            meta["parity"]["runner"] = runner.name
+        else:
+            meta["parity"] = {"passed": None, "not_run": reason}
+        meta["gates"] = load_gates(target, precision)
         write_metadata(tmp, meta)
         size_bytes = sum(path_bytes(tmp / f) for f in [conv.model_file, *conv.extra_files])
-    return ConvertResult(out, target, precision, size_bytes, time.perf_counter() - t0, check)
+    return ConvertResult(out, target, precision, size_bytes, time.perf_counter() - t0, meta["parity"])

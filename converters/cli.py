@@ -39,6 +39,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="bundle folder (for --target all: the parent folder)")
     ap.add_argument("--equalize", choices=["auto", "on", "off"], default="auto",
                     help="int8: cross-layer equalisation of the backbone before quantising (auto: per target, as measured)")
+    ap.add_argument("--no-parity-gate", action="store_true", help="exit 0 even when the bundle fails its parity gates")
     ap.add_argument("--list", action="store_true", help="print the targets table and exit")
     ap.add_argument("--quiet", action="store_true")
     return ap
@@ -75,12 +76,26 @@ def main(argv=None) -> int:
         print("interrupted: no bundle was written", file=sys.stderr)
         return 130
     print()
-    print(f"{'target':<9} {'precision':<9} {'size':>9}  {'golden recall':>13}  {'mean IoU':>8}  {'s':>5}  bundle")
+    print(f"{'target':<9} {'precision':<9} {'size':>9}  {'parity':>8}  {'recall':>6}  {'mean IoU':>8}  {'lmk NME':>7}  {'s':>4}  bundle")
+    failed = False
     for r in results:
-        c = r.golden_check
-        rec = f"{c['recall']:.3f}" if c else "not run here"
-        iou = f"{c['mean_iou']:.4f}" if c and c.get("mean_iou") is not None else "-"
-        print(f"{r.target:<9} {r.precision:<9} {_size(r.model_bytes):>9}  {rec:>13}  {iou:>8}  {r.seconds:>5.0f}  {r.bundle}")
+        p = r.parity
+        if p.get("passed") is None:
+            verdict, rec, iou, nme = "not run", "-", "-", "-"
+        else:
+            verdict = "passed" if p["passed"] else "FAILED"
+            failed |= not p["passed"]
+            rec = f"{p['recall']:.3f}"
+            iou = f"{p['mean_iou']:.4f}" if p.get("mean_iou") is not None else "-"
+            nme = f"{p['landmark_nme']:.4f}" if p.get("landmark_nme") is not None else "-"
+        print(f"{r.target:<9} {r.precision:<9} {_size(r.model_bytes):>9}  {verdict:>8}  {rec:>6}  {iou:>8}  {nme:>7}  {r.seconds:>4.0f}  {r.bundle}")
+        if p.get("passed") is None:
+            print(f"          {p['not_run']}")
+        for msg in p.get("failed", []):
+            print(f"          gate failed: {msg}")
+    if failed and not args.no_parity_gate:
+        print("edge-convert: a bundle failed its parity gates (marked in its metadata.json); --no-parity-gate to accept it", file=sys.stderr)
+        return 1
     return 0
 
 

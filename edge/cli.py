@@ -88,7 +88,9 @@ def cmd_weights(args) -> int:
 
     if args.action == "list":
         for e in REGISTRY.values():
-            acc = json.dumps(e.accuracy) if e.accuracy else "not measured"
+            modes = [f"{m}: " + " / ".join(f"{100 * e.accuracy[m][s]:.2f}" for s in ("easy", "medium", "hard"))
+                     for m in ("640", "native") if m in e.accuracy]
+            acc = "; ".join(modes) + f" (easy / medium / hard; {e.accuracy['protocol']})" if modes else "not measured"
             print(f"{e.name}: {e.arch.name}, {e.params:,} params, sha256 {e.sha256[:16]}..., {e.license}\n  source: {e.source}\n  WIDER val AP: {acc}")
         return 0
     model, info = load_weights(args.name)
@@ -123,7 +125,7 @@ def _add_later_commands(sub) -> None:
     """Sub-commands contributed by other modules, registered when their module exists."""
     import importlib
 
-    for mod in ("edge.eval_cli",):
+    for mod in ("edge.eval_cli", "edge.parity_cli"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

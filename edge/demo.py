@@ -38,7 +38,9 @@ def main(out_dir: str = "demo_out") -> int:
     print(f"  int8 convolutions: {int8_ops}; float ops kept: {[k for k in q['ops'] if k.endswith(':float32')]}")
     print(f"  calibration: {meta['calibration']['count']} images, {meta['calibration']['source']}")
     print(f"  weights: {meta['weights']['name']} ({meta['weights']['arch']}), sha256 {meta['weights']['sha256'][:16]}...")
-    print(f"  golden check at conversion: {json.dumps(meta['golden_check'])}")
+    par = meta["parity"]
+    print(f"  parity at conversion (built-in pictures): {'passed' if par['passed'] else 'FAILED'}; recall {par['recall']:.3f}, "
+          f"mean IoU {par['mean_iou']:.4f}, landmark NME {par['landmark_nme']:.4f}; gates {json.dumps({k: v for k, v in meta['gates'].items() if k.endswith(('_min', '_max'))})}")
 
     model, _ = load_weights("default")
     runner, spec, desc = load_bundle_runner(bundle)

@@ -52,3 +52,191 @@ def detection_agreement(ref: Detections, cand: Detections, iou_threshold: float 
         if ref.mesh is not None and cand.mesh is not None:
             res["mesh_nme"] = (np.linalg.norm(ref.mesh[ri][..., :2] - cand.mesh[ci][..., :2], axis=-1).mean(-1) / norm).tolist()
     return res
+
+
+# --- the harness -------------------------------------------------------------------------------
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GATES_FILE = Path(__file__).with_name("parity_gates.json")
+
+
+def load_gates(target: str, precision: str) -> dict:
+    """The reviewed bounds for one target x precision (defaults per precision, overridden per target)."""
+    doc = json.loads(GATES_FILE.read_text())
+    g = dict(doc["defaults"][precision])
+    g.update(doc["targets"].get(target, {}).get(precision, {}))
+    g["score_threshold"] = doc["score_threshold"]
+    g["match_iou"] = doc["match_iou"]
+    return g
+
+
+@dataclass
+class ImageParity:
+    name: str
+    agreement: dict
+    tensors: dict
+    signal: dict  # per output: (sum of squares of reference, sum of squared error, count)
+
+
+@dataclass
+class ParityReport:
+    target: str
+    precision: str
+    reference_device: str
+    candidate: str
+    images: list[ImageParity] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        ref_faces = sum(i.agreement["ref_faces"] for i in self.images)
+        cand_faces = sum(i.agreement["cand_faces"] for i in self.images)
+        matched = sum(i.agreement["matched"] for i in self.images)
+        ious = np.concatenate([np.asarray(i.agreement["iou"], float) for i in self.images]) if self.images else np.zeros(0)
+        serr = np.concatenate([np.asarray(i.agreement.get("score_abs_err", []), float) for i in self.images]) if self.images else np.zeros(0)
+        lmk = np.concatenate([np.asarray(i.agreement.get("landmark_nme", []), float) for i in self.images]) if self.images else np.zeros(0)
+        has_mesh = any("mesh_nme" in i.agreement for i in self.images)
+        mesh = np.concatenate([np.asarray(i.agreement.get("mesh_nme", []), float) for i in self.images]) if has_mesh else None
+        tensors = {}
+        for name in (self.images[0].tensors if self.images else {}):
+            sig = sum(i.signal[name][0] for i in self.images)
+            err = sum(i.signal[name][1] for i in self.images)
+            tensors[name] = {"max_abs": max(i.tensors[name]["max_abs"] for i in self.images),
+                             "snr_db": float("inf") if err == 0 else float(10 * np.log10(sig / err))}
+        return {
+            "target": self.target, "precision": self.precision, "reference_device": self.reference_device,
+            "candidate": self.candidate, "images": len(self.images), "ref_faces": ref_faces, "cand_faces": cand_faces,
+            "recall": matched / ref_faces if ref_faces else 1.0,
+            "precision_vs_ref": matched / cand_faces if cand_faces else 1.0,
+            "mean_iou": float(ious.mean()) if ious.size else None,
+            "min_iou": float(ious.min()) if ious.size else None,
+            "score_mae": float(serr.mean()) if serr.size else None,
+            "landmark_nme": float(lmk.mean()) if lmk.size else None,
+            "mesh_nme": float(mesh.mean()) if mesh is not None and mesh.size else None,
+            "tensors": tensors,
+            "worst_images": [w.name for w in self.worst(3)],
+        }
+
+    def worst(self, k: int = 3) -> list[ImageParity]:
+        def key(i: ImageParity):
+            a = i.agreement
+            return (a["recall"], a["precision"], float(np.mean(a["iou"])) if a["iou"] else 1.0)
+
+        return sorted(self.images, key=key)[:k]
+
+
+def check_gates(summary: dict, gates: dict) -> list[str]:
+    """Names of the failed bounds, with the measured value ([] = passed)."""
+    failed = []
+    checks = [("recall", "recall_min", 1), ("precision_vs_ref", "precision_min", 1), ("mean_iou", "mean_iou_min", 1),
+              ("min_iou", "min_iou_min", 1), ("score_mae", "score_mae_max", -1), ("landmark_nme", "landmark_nme_max", -1),
+              ("mesh_nme", "mesh_nme_max", -1)]
+    for key, bound, sign in checks:
+        v = summary.get(key)
+        if v is None or bound not in gates:
+            continue
+        if (sign > 0 and v < gates[bound]) or (sign < 0 and v > gates[bound]):
+            failed.append(f"{key} {v:.4f} {'<' if sign > 0 else '>'} {gates[bound]}")
+    if summary["ref_faces"] == 0:
+        failed.append("the reference found no faces: nothing was compared")
+    return failed
+
+
+def compare(reference, candidate, spec, images, *, target: str, precision: str, reference_device: str,
+            score_threshold: float = 0.5, match_iou: float = 0.5, progress: bool = False) -> tuple[ParityReport, dict]:
+    """Run reference and candidate runners through the same pipeline on `images` ((name, BGR array)
+    pairs). Returns the report and the detections per image (for pictures)."""
+    from tqdm import tqdm
+
+    from edge.pipeline import Pipeline, PostConfig
+
+    post = PostConfig(score_threshold=score_threshold)
+    rp, cp = Pipeline(reference, spec, post), Pipeline(candidate, spec, post)
+    rep = ParityReport(target, precision, reference_device, getattr(candidate, "name", "candidate"))
+    dets = {}
+    for name, im in tqdm(images, desc="parity", unit="img", disable=not progress):
+        prep = rp.preprocess(im)
+        a, b = reference(prep.tensor), candidate(prep.tensor)
+        ref, cand = rp.postprocess(a, prep), cp.postprocess(b, prep)
+        sig = {k: (float(np.sum(a[k].astype(np.float64) ** 2)), float(np.sum((a[k].astype(np.float64) - b[k]) ** 2))) for k in a}
+        rep.images.append(ImageParity(name, detection_agreement(ref, cand, match_iou), tensor_errors(a, b), sig))
+        dets[name] = (ref, cand)
+    return rep, dets
+
+
+def write_report(rep: ParityReport, summary: dict, gates: dict, failed: list[str], dets: dict, images: dict, out_dir: str | Path) -> Path:
+    """Markdown report with a summary table, error histograms and overlays of the worst images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edge.draw import draw_detections
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ious = np.concatenate([np.asarray(i.agreement["iou"], float) for i in rep.images])
+    lmk = np.concatenate([np.asarray(i.agreement.get("landmark_nme", []), float) for i in rep.images])
+    panels = [("IoU of matched boxes", ious), ("landmark NME", lmk)]
+    if summary.get("mesh_nme") is not None:
+        panels.append(("mesh-vertex NME", np.concatenate([np.asarray(i.agreement.get("mesh_nme", []), float) for i in rep.images])))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), dpi=110)
+    for ax, (title, v) in zip(np.atleast_1d(axes), panels):
+        ax.hist(v, bins=40, color="tab:blue")
+        ax.set_title(f"{title} (n={len(v)})", fontsize=9)
+        ax.set_ylabel("faces")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{rep.target} {rep.precision} vs FP32 reference ({rep.reference_device})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "errors.png")
+    plt.close(fig)
+    worst_pngs = []
+    for k, w in enumerate(rep.worst(3)):
+        ref, cand = dets[w.name]
+        png = f"worst_{k + 1}_{Path(w.name).stem}.png"
+        draw_detections(images[w.name], [(ref, (0, 255, 0)), (cand, (255, 0, 255))], scores=False).save(out / png)
+        worst_pngs.append((w, png))
+
+    def fmt(v, d=4):
+        return "null" if v is None else f"{v:.{d}f}"
+
+    lines = [
+        f"# Parity: {rep.target} {rep.precision}",
+        "",
+        f"**{'PASSED' if not failed else 'FAILED'}**" + ("" if not failed else ": " + "; ".join(failed)),
+        "",
+        f"Reference: FP32 PyTorch on {rep.reference_device}. Candidate: {rep.candidate}. {summary['images']} images, "
+        f"faces with score >= {gates['score_threshold']}, matched one-to-one (Hungarian) at IoU >= {gates['match_iou']}.",
+        "",
+        "| measure | value | gate |",
+        "| --- | --- | --- |",
+        f"| reference faces / candidate faces | {summary['ref_faces']} / {summary['cand_faces']} | |",
+        f"| recall | {fmt(summary['recall'])} | >= {gates.get('recall_min')} |",
+        f"| precision vs reference | {fmt(summary['precision_vs_ref'])} | >= {gates.get('precision_min')} |",
+        f"| mean IoU | {fmt(summary['mean_iou'])} | >= {gates.get('mean_iou_min')} |",
+        f"| min IoU | {fmt(summary['min_iou'])} | >= {gates.get('min_iou_min')} |",
+        f"| score MAE | {fmt(summary['score_mae'])} | <= {gates.get('score_mae_max')} |",
+        f"| landmark NME | {fmt(summary['landmark_nme'])} | <= {gates.get('landmark_nme_max')} |",
+        f"| mesh NME | {fmt(summary['mesh_nme'])} | <= {gates.get('mesh_nme_max')} |",
+        "",
+        "| output | max abs error | SNR (dB) |",
+        "| --- | --- | --- |",
+        *[f"| {n} | {t['max_abs']:.3g} | {t['snr_db']:.1f} |" for n, t in summary["tensors"].items()],
+        "",
+        "![errors](errors.png)",
+        "",
+        "## Worst images (reference green, candidate magenta)",
+        "",
+    ]
+    for w, png in worst_pngs:
+        a = w.agreement
+        lines += [f"### {w.name}: recall {a['recall']:.3f}, precision {a['precision']:.3f}, mean IoU {fmt(float(np.mean(a['iou'])) if a['iou'] else None)}",
+                  "", f"![{w.name}]({png})", ""]
+    lines += ["## Per image", "", "| image | ref | cand | recall | precision | mean IoU | landmark NME |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for i in rep.images:
+        a = i.agreement
+        lines.append(f"| {i.name} | {a['ref_faces']} | {a['cand_faces']} | {a['recall']:.3f} | {a['precision']:.3f} | "
+                     f"{fmt(float(np.mean(a['iou'])) if a['iou'] else None)} | {fmt(float(np.mean(a['landmark_nme'])) if a.get('landmark_nme') else None)} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"

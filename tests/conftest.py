@@ -33,3 +33,22 @@ def group_image(shared) -> np.ndarray:
     from edge.image_io import load_image
 
     return load_image(shared / "images" / "group.jpg")
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory):
+    """Built once: (target, precision) -> bundle folder, converted lazily."""
+    root = tmp_path_factory.mktemp("bundles")
+    cache: dict = {}
+
+    def get(target, precision):
+        if (target, precision) not in cache:
+            pytest.importorskip({"onnx": "onnxscript", "tflite": "litert_torch", "openvino": "openvino", "coreml": "coremltools"}[target])
+            from converters.api import convert
+
+            cache[target, precision] = convert(target, precision, out=root / f"{target}-{precision}", progress=False).bundle
+        return cache[target, precision]
+
+    return get
+
+

@@ -1,0 +1,194 @@
+"""On-device parity check: numpy + one runtime + a bundle folder. No torch, no project install.
+
+This file is self-contained on purpose (copy `targets/` and a bundle onto the device). Its
+decoding and NMS mirror `edge.anchors` / `edge.postprocess`; the project's test suite checks that
+they agree. Matching is greedy on IoU (no scipy on devices): pairs are taken by descending IoU,
+each face at most once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+SUPPORTED_FORMAT = 1
+
+
+class BundleCheckError(Exception):
+    pass
+
+
+def sha256_path(p: Path) -> str:
+    def file_hash(f: Path) -> str:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(f"{f.relative_to(p).as_posix()}\0{file_hash(f)}\n".encode())
+        return h.hexdigest()
+    return file_hash(p)
+
+
+def load_bundle(folder: str | Path) -> tuple[Path, dict, dict]:
+    """-> (folder, metadata, golden arrays), after checking format version and every file's SHA-256."""
+    folder = Path(folder)
+    meta_path = folder / "metadata.json"
+    if not meta_path.is_file():
+        raise BundleCheckError(f"{folder}: no metadata.json")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version", 10**6) > SUPPORTED_FORMAT:
+        raise BundleCheckError(f"{folder.name}: format version {meta.get('format_version')} is newer than this suite ({SUPPORTED_FORMAT})")
+    for name, digest in meta["files"].items():
+        if "/" in name or ".." in name:
+            raise BundleCheckError(f"{folder.name}: unsafe file name {name!r}")
+        p = folder / name
+        if not p.exists():
+            raise BundleCheckError(f"{folder.name}: {name} is missing")
+        if sha256_path(p) != digest:
+            raise BundleCheckError(f"{folder.name}: {name} does not match its SHA-256 (tampered or corrupt)")
+    with np.load(folder / "golden.npz", allow_pickle=False) as z:
+        golden = {k: z[k] for k in z.files}
+    return folder, meta, golden
+
+
+# --- decoding, as edge.anchors / edge.postprocess -------------------------------------------------
+
+def priors(height, width, min_sizes, steps):
+    out = []
+    for sizes, step in zip(min_sizes, steps):
+        fh, fw = math.ceil(height / step), math.ceil(width / step)
+        cy, cx = np.meshgrid((np.arange(fh) + 0.5) * step / height, (np.arange(fw) + 0.5) * step / width, indexing="ij")
+        a = np.empty((fh, fw, len(sizes), 4))
+        a[..., 0], a[..., 1] = cx[..., None], cy[..., None]
+        a[..., 2] = np.asarray(sizes, float) / width
+        a[..., 3] = np.asarray(sizes, float) / height
+        out.append(a.reshape(-1, 4))
+    return np.concatenate(out).astype(np.float32)
+
+
+def nms(boxes, scores, thr, max_keep):
+    order = np.argsort(-scores, kind="stable")
+    b = boxes[order].astype(np.float64)
+    areas = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    alive = np.ones(len(order), bool)
+    keep = []
+    for i in range(len(order)):
+        if not alive[i]:
+            continue
+        keep.append(order[i])
+        if len(keep) >= max_keep:
+            break
+        rest = np.nonzero(alive[i + 1:])[0] + i + 1
+        if rest.size == 0:
+            break
+        lt = np.maximum(b[i, :2], b[rest, :2])
+        rb = np.minimum(b[i, 2:], b[rest, 2:])
+        inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+        union = areas[i] + areas[rest] - inter
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+        alive[rest[iou > thr]] = False
+    return np.asarray(keep, dtype=np.int64)
+
+
+def detect(outputs, pri, hw, variances, score_thr=0.5, nms_thr=0.4, top_k=5000, keep_top_k=750):
+    """Raw outputs of one image (A, C) -> boxes (N, 4), scores (N,), landmarks (N, 5, 2) in input pixels."""
+    h, w = hw
+    scores = outputs["conf"][:, 1].astype(np.float32)
+    idx = np.nonzero(scores > score_thr)[0]
+    idx = idx[np.argsort(-scores[idx], kind="stable")][:top_k]
+    p = pri[idx]
+    loc = outputs["loc"][idx].astype(np.float32)
+    centre = p[:, :2] + loc[:, :2] * variances[0] * p[:, 2:]
+    size = p[:, 2:] * np.exp(loc[:, 2:] * variances[1])
+    boxes = np.concatenate([centre - size / 2, centre + size / 2], 1) * np.array([w, h, w, h], np.float32)
+    lm = outputs["landmarks"][idx].astype(np.float32).reshape(len(idx), -1, 2)
+    lms = (p[:, None, :2] + lm * variances[0] * p[:, None, 2:]) * np.array([w, h], np.float32)
+    keep = nms(boxes, scores[idx], nms_thr, keep_top_k)
+    return boxes[keep], scores[idx][keep], lms[keep]
+
+
+def iou_matrix(a, b):
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def greedy_match(ref_boxes, cand_boxes, thr):
+    if len(ref_boxes) == 0 or len(cand_boxes) == 0:
+        return []
+    iou = iou_matrix(ref_boxes.astype(np.float64), cand_boxes.astype(np.float64))
+    pairs = []
+    used_r, used_c = set(), set()
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
+        r, c = divmod(int(flat), iou.shape[1])
+        if iou[r, c] < thr:
+            break
+        if r in used_r or c in used_c:
+            continue
+        used_r.add(r)
+        used_c.add(c)
+        pairs.append((r, c, float(iou[r, c])))
+    return pairs
+
+
+# --- the check ----------------------------------------------------------------------------------
+
+def run_check(folder, runner) -> dict:
+    """Run `runner` (NCHW float32 -> dict of outputs) on the golden canvases; compare with the golden
+    detections under the bundle's gates. Returns the summary with "passed" and "failed"."""
+    folder, meta, g = load_bundle(folder)
+    spec, gates = meta["spec"], meta["gates"]
+    mean, std = np.asarray(spec["mean"], np.float32), np.asarray(spec["std"], np.float32)
+    size = g["canvases"].shape[1]
+    pri = priors(size, size, spec["arch"]["min_sizes"], spec["steps"])
+    ref_n = cand_n = 0
+    ious, serr, nme, worst_abs = [], [], [], {}
+    start = 0
+    for i, canvas in enumerate(g["canvases"]):
+        x = np.ascontiguousarray(((canvas.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None])
+        out = {k: np.asarray(v, np.float32)[0] for k, v in runner(x).items()}
+        for name in spec["output_names"]:
+            d = float(np.abs(out[name][g["anchor_idx"][i]] - g[f"ref_{name}"][i]).max())
+            worst_abs[name] = max(worst_abs.get(name, 0.0), d)
+        boxes, scores, lms = detect(out, pri, (size, size), spec["variances"], gates["score_threshold"])
+        n = int(g["det_count"][i])
+        rb, rs, rl = g["det_boxes"][start:start + n], g["det_scores"][start:start + n], g["det_landmarks"][start:start + n]
+        start += n
+        pairs = greedy_match(rb, boxes, gates["match_iou"])
+        ref_n += n
+        cand_n += len(boxes)
+        for r, c, v in pairs:
+            ious.append(v)
+            serr.append(abs(float(rs[r]) - float(scores[c])))
+            norm = math.sqrt(max(rb[r, 2] - rb[r, 0], 1e-6) * max(rb[r, 3] - rb[r, 1], 1e-6))
+            nme.append(float(np.linalg.norm(rl[r] - lms[c], axis=-1).mean() / norm))
+    s = {
+        "target": meta["target"], "precision": meta["precision"], "images": int(len(g["canvases"])),
+        "ref_faces": ref_n, "cand_faces": cand_n,
+        "recall": len(ious) / ref_n if ref_n else 1.0, "precision_vs_ref": len(ious) / cand_n if cand_n else 1.0,
+        "mean_iou": float(np.mean(ious)) if ious else None, "min_iou": float(np.min(ious)) if ious else None,
+        "score_mae": float(np.mean(serr)) if serr else None, "landmark_nme": float(np.mean(nme)) if nme else None,
+        "max_abs_on_golden_anchors": worst_abs,
+    }
+    failed = []
+    for key, bound, sign in (("recall", "recall_min", 1), ("precision_vs_ref", "precision_min", 1), ("mean_iou", "mean_iou_min", 1),
+                             ("min_iou", "min_iou_min", 1), ("score_mae", "score_mae_max", -1), ("landmark_nme", "landmark_nme_max", -1)):
+        v = s[key]
+        if v is not None and bound in gates and ((sign > 0 and v < gates[bound]) or (sign < 0 and v > gates[bound])):
+            failed.append(f"{key} {v:.4f} {'<' if sign > 0 else '>'} {gates[bound]}")
+    if ref_n == 0:
+        failed.append("the golden set has no reference faces")
+    s["failed"] = failed
+    s["passed"] = not failed
+    return s

@@ -1,0 +1,96 @@
+"""Device runtimes behind one call: NCHW float32 -> {output name: array}. Each import is lazy, so a
+device needs only its own runtime."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+
+
+def tflite(model_path: Path, output_names, threads: int | None = None):
+    """ai-edge-litert, else tflite-runtime, else tensorflow.lite. Returns (runner, runtime name)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        name = "ai-edge-litert"
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter  # type: ignore
+
+            name = "tflite-runtime"
+        except ImportError:
+            import tensorflow as tf  # type: ignore
+
+            Interpreter, name = tf.lite.Interpreter, "tensorflow.lite"
+    it = Interpreter(model_path=str(model_path), num_threads=threads) if threads else Interpreter(model_path=str(model_path))
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]
+    sig = it.get_signature_list()
+    if sig:
+        key = next(iter(sig))
+        details = it.get_signature_runner(key).get_output_details()
+        outs = [details[n] for n in sig[key]["outputs"]]
+    else:
+        outs = it.get_output_details()
+
+    def run(x):
+        x = np.ascontiguousarray(x, np.float32)
+        if inp["dtype"] != np.float32:
+            scale, zp = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / scale) + zp, info.min, info.max).astype(inp["dtype"])
+        it.set_tensor(inp["index"], x)
+        it.invoke()
+        res = {}
+        for n, o in zip(output_names, outs):
+            v = it.get_tensor(o["index"])
+            if o["dtype"] != np.float32:
+                scale, zp = o["quantization"]
+                v = (v.astype(np.float32) - zp) * scale
+            res[n] = v.astype(np.float32)
+        return res
+
+    return run, name
+
+
+def onnxruntime(model_path: Path, output_names, providers=None):
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    wanted = providers or [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+    sess = ort.InferenceSession(str(model_path), providers=wanted)
+    names = [o.name for o in sess.get_outputs()]
+    inp = sess.get_inputs()[0].name
+
+    def run(x):
+        return dict(zip(names, sess.run(None, {inp: np.ascontiguousarray(x, np.float32)})))
+
+    return run, f"onnxruntime ({', '.join(sess.get_providers())})"
+
+
+def openvino(model_path: Path, output_names, device: str = "CPU"):
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(model_path), device, {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {})
+    req = compiled.create_infer_request()
+
+    def run(x):
+        req.infer({0: np.ascontiguousarray(x, np.float32)})
+        return {n: np.asarray(req.get_tensor(n).data, np.float32).copy() for n in output_names}
+
+    return run, f"openvino {ov.__version__} ({device})"
+
+
+def coreml(model_path: Path, output_names):
+    if platform.system() != "Darwin":
+        raise RuntimeError("Core ML runs only on macOS")
+    import coremltools as ct
+
+    m = ct.models.MLModel(str(model_path))
+
+    def run(x):
+        out = m.predict({"input": np.ascontiguousarray(x, np.float32)})
+        return {n: np.asarray(out[n], np.float32) for n in output_names}
+
+    return run, "Core ML"
