@@ -46,6 +46,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from edge.quiet import quiet_third_party
+
+    quiet_third_party()
     ap = make_parser()
     args = ap.parse_args(argv)
     if args.list:

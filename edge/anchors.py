@@ -46,7 +46,7 @@ def encode_boxes(boxes: np.ndarray, pri: np.ndarray, variances=(0.1, 0.2)) -> np
 
 def decode_points(pts: np.ndarray, pri: np.ndarray, variances=(0.1, 0.2)) -> np.ndarray:
     """pts (..., A, 2K) offsets -> (..., A, K, 2) points in the priors' normalised units."""
-    p = pts.astype(np.float32, copy=False).reshape(*pts.shape[:-1], -1, 2)
+    p = pts.astype(np.float32, copy=False).reshape(*pts.shape[:-1], pts.shape[-1] // 2, 2)
     return pri[..., None, :2] + p * variances[0] * pri[..., None, 2:]
 
 

@@ -148,6 +148,9 @@ def run(argv, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv=None) -> int:
+    from edge.quiet import quiet_third_party
+
+    quiet_third_party()
     return run(argv, make_parser())
 
 

@@ -23,6 +23,9 @@ from edge.weights import load_weights
 
 
 def main(out_dir: str = "demo_out") -> int:
+    from edge.quiet import quiet_third_party
+
+    quiet_third_party()
     out = Path(out_dir)
     out.mkdir(exist_ok=True)
     bundle = out / "retinaface-tflite-int8-640"

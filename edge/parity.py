@@ -68,6 +68,7 @@ def load_gates(target: str, precision: str) -> dict:
     doc = json.loads(GATES_FILE.read_text())
     g = dict(doc["defaults"][precision])
     g.update(doc["targets"].get(target, {}).get(precision, {}))
+    g = {k: v for k, v in g.items() if not k.startswith("_")}
     g["score_threshold"] = doc["score_threshold"]
     g["match_iou"] = doc["match_iou"]
     return g

@@ -120,8 +120,9 @@ def decode_detections(
     lms = decode_points(outputs["landmarks"][idx], p, variances) * np.array([w, h], np.float32)
     mesh = None
     if "mesh" in outputs:
-        raw = outputs["mesh"][idx].reshape(len(idx), -1, 3).astype(np.float32)
-        xy = decode_points(raw[..., :2].reshape(len(idx), -1), p, variances) * np.array([w, h], np.float32)
+        nv = outputs["mesh"].shape[-1] // 3
+        raw = outputs["mesh"][idx].reshape(len(idx), nv, 3).astype(np.float32)
+        xy = decode_points(raw[..., :2].reshape(len(idx), 2 * nv), p, variances) * np.array([w, h], np.float32)
         # z shares the x scale: offset from the anchor centre's depth 0, in anchor widths
         z = raw[..., 2:] * variances[0] * p[:, None, 2:3] * w
         mesh = np.concatenate([xy, z], axis=-1)

@@ -111,3 +111,10 @@ def test_resize_matches_half_pixel_bilinear():
     np.testing.assert_allclose(out, [[2.5, 4.5], [10.5, 12.5]])
     up = resize_bilinear(np.array([[0.0, 10.0]], np.float32)[..., None], 1, 4)[0, :, 0]
     np.testing.assert_allclose(up, [0.0, 2.5, 7.5, 10.0])
+
+
+def test_image_without_faces_gives_empty_detections(default_model):
+    model, _ = default_model
+    for size in (640, None):
+        det = Pipeline(TorchRunner(model), model.spec.with_input_size(size))(np.full((200, 300, 3), 127, np.uint8))
+        assert len(det) == 0 and det.boxes.shape == (0, 4) and det.landmarks.shape == (0, 5, 2)

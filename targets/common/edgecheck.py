@@ -109,7 +109,7 @@ def detect(outputs, pri, hw, variances, score_thr=0.5, nms_thr=0.4, top_k=5000, 
     centre = p[:, :2] + loc[:, :2] * variances[0] * p[:, 2:]
     size = p[:, 2:] * np.exp(loc[:, 2:] * variances[1])
     boxes = np.concatenate([centre - size / 2, centre + size / 2], 1) * np.array([w, h, w, h], np.float32)
-    lm = outputs["landmarks"][idx].astype(np.float32).reshape(len(idx), -1, 2)
+    lm = outputs["landmarks"][idx].astype(np.float32).reshape(len(idx), outputs["landmarks"].shape[-1] // 2, 2)
     lms = (p[:, None, :2] + lm * variances[0] * p[:, None, 2:]) * np.array([w, h], np.float32)
     keep = nms(boxes, scores[idx], nms_thr, keep_top_k)
     return boxes[keep], scores[idx][keep], lms[keep]
