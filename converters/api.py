@@ -35,7 +35,8 @@ def parity_images(size: int, mean) -> tuple[np.ndarray, list[str]]:
     from calib_data.build import letterbox_uint8
     from edge.samples import grace_hopper, scene
 
-    imgs = [("grace_hopper", grace_hopper()), ("scene_a", scene(11, (720, 1280), 8)), ("scene_b", scene(12, (1080, 1080), 10))]
+    imgs = [("grace_hopper", grace_hopper()), ("scene_a", scene(11, (720, 1280), 8)), ("scene_b", scene(12, (1080, 1080), 10)),
+            ("scene_c", scene(13, (720, 1280), 12)), ("scene_d", scene(14, (1280, 960), 10))]
     return np.stack([letterbox_uint8(im, size, mean) for _, im in imgs]), [n for n, _ in imgs]
 
 
