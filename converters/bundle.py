@@ -138,11 +138,18 @@ def read_metadata(bundle: str | Path, verify: bool = True) -> tuple[Path, dict]:
         raise BundleError(f"bundle {folder.name}: metadata has no integer format_version")
     if version > FORMAT_VERSION:
         raise BundleError(f"bundle {folder.name}: format version {version} is newer than this toolkit's ({FORMAT_VERSION}); upgrade retinaface-edge")
-    if meta.get("target") not in TARGET_MODULES:
-        raise BundleError(f"bundle {folder.name}: unknown target {meta.get('target')!r}")
+    target = meta.get("target")
+    if not isinstance(target, str) or target not in TARGET_MODULES:
+        raise BundleError(f"bundle {folder.name}: unknown target {target!r}"[:200])
+    from converters.base import PRECISIONS
+
+    if meta.get("precision") not in PRECISIONS:
+        raise BundleError(f"bundle {folder.name}: unknown precision {meta.get('precision')!r}"[:200])
     files = meta.get("files")
     if not isinstance(files, dict) or not isinstance(meta.get("model_file"), str):
         raise BundleError(f"bundle {folder.name}: metadata lacks the file list or model_file")
+    if not all(isinstance(v, str) for v in files.values()):
+        raise BundleError(f"bundle {folder.name}: file hashes in metadata must be strings")
     for name in list(files) + [meta["model_file"]]:
         if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
             raise BundleError(f"bundle {folder.name}: unsafe file name {name!r} in metadata")
@@ -155,9 +162,12 @@ def read_metadata(bundle: str | Path, verify: bool = True) -> tuple[Path, dict]:
         if verify and sha256_path(p) != digest:
             raise BundleError(f"bundle {folder.name}: {name} does not match its SHA-256 in metadata.json (tampered or corrupt)")
     try:
-        ModelSpec.from_dict(meta["spec"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"bundle {folder.name}: metadata spec is invalid ({e})") from None
+        spec = ModelSpec.from_dict(meta["spec"])
+        spec.output_names, spec.arch.anchors_per_cell  # noqa: B018 - derived fields must compute
+        if not (isinstance(spec.input_size, int) and spec.input_size > 0 and spec.input_size % 32 == 0):
+            raise ValueError(f"input_size {spec.input_size!r}")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BundleError(f"bundle {folder.name}: metadata spec is invalid ({type(e).__name__}: {str(e)[:120]})") from None
     return folder, meta
 
 

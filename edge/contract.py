@@ -96,10 +96,33 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        """Inverse of `to_dict`; raises ValueError/TypeError/KeyError on anything malformed."""
+
+        def numbers(v, n, kind=float):
+            if not isinstance(v, (list, tuple)) or len(v) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                raise ValueError(f"expected {n} numbers, got {v!r}"[:100])
+            return tuple(kind(x) for x in v)
+
+        if not isinstance(d, dict):
+            raise TypeError("spec must be an object")
         d = dict(d)
         d.pop("output_names", None)
         a = d.pop("arch")
-        arch = ArchConfig(a["name"], float(a["leaky_slope"]), tuple(tuple(s) for s in a["min_sizes"]))
-        for k in ("mean", "std", "steps", "variances"):
-            d[k] = tuple(d[k])
+        sizes = a["min_sizes"]
+        if not isinstance(sizes, (list, tuple)) or len(sizes) != len(STRIDES):
+            raise ValueError(f"min_sizes must list {len(STRIDES)} levels")
+        min_sizes = tuple(numbers(s, len(s) if isinstance(s, (list, tuple)) and s else -1, int) for s in sizes)
+        if not isinstance(a["name"], str) or not isinstance(a["leaky_slope"], (int, float)):
+            raise ValueError("arch name/leaky_slope malformed")
+        arch = ArchConfig(a["name"], float(a["leaky_slope"]), min_sizes)
+        d["mean"], d["std"] = numbers(d["mean"], 3), numbers(d["std"], 3)
+        d["steps"], d["variances"] = numbers(d["steps"], len(STRIDES), int), numbers(d["variances"], 2)
+        for k in ("fpn_channels", "mesh_vertices", "pad_multiple"):
+            if k in d and (not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 0):
+                raise ValueError(f"{k} must be a non-negative integer")
+        if d.get("input_size") is not None and (not isinstance(d["input_size"], int) or isinstance(d["input_size"], bool)):
+            raise ValueError("input_size must be an integer or null")
+        for k in ("layout", "channel_order"):
+            if k in d and not isinstance(d[k], str):
+                raise ValueError(f"{k} must be a string")
         return cls(arch=arch, **d)

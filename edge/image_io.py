@@ -73,7 +73,7 @@ def load_image(path: str | Path) -> np.ndarray:
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable image (unknown format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: declared size exceeds the pixel limit of {MAX_PIXELS:,}") from None
+        raise ImageError(f"{name}: declared size exceeds the limit of {MAX_PIXELS:,} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageError(f"{name}: truncated or corrupt image ({msg})") from None
