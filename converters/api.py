@@ -160,6 +160,8 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         meta["model_file"] = conv.model_file
         meta["quantization"] = conv.quantization
         meta["format_metadata"] = conv.format_metadata
+        meta["reproducibility"] = ({"byte_identical": True} if caps.not_byte_identical is None
+                                   else {"byte_identical": False, "tool": caps.convert_requires[0], "why": caps.not_byte_identical})
         from edge.parity import load_gates
 
         reason = caps.runs_here()

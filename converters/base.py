@@ -34,6 +34,7 @@ class Capabilities:
     extra: str
     runs_here: Callable[[], str | None] = lambda: None
     int8_equalize: bool = True  # cross-layer equalisation before int8 PTQ (measured per target)
+    not_byte_identical: str | None = None  # why two conversions of the same weights differ in bytes (None: they do not)
 
     def check(self, precision: str) -> None:
         """Refuse an unsupported request before any work, with the reason."""

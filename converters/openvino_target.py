@@ -32,6 +32,7 @@ def _to_ov(model, spec, size: int):
     x = torch.zeros(1, 3, size, size)
     m = ov.convert_model(TupleOutputs(model).eval(), example_input=x, input=[1, 3, size, size])
     m.inputs[0].get_tensor().set_names({"input"})
+    m.set_friendly_name("retinaface_edge")
     for out, name in zip(m.outputs, spec.output_names):
         out.get_tensor().set_names({name})
     return m

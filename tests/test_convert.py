@@ -185,3 +185,22 @@ def test_killed_convert_leaves_no_half_bundle(tmp_path):
     read_metadata(out)
     assert seen_partial, "the kills never caught a conversion in progress"
     assert not list(tmp_path.glob(".killed.partial-*")), "stale partial folders were not cleaned"
+
+
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_conversion_is_byte_identical(tmp_path, target):
+    """Two edge-convert runs on the same weights give the same bytes. (Within one process OpenVINO
+    numbers auto-generated node names from a process-wide counter, so each run is its own process.)"""
+    metas = []
+    for k in range(2):
+        r = subprocess.run([sys.executable, "-m", "converters.cli", "--target", target, "--out", str(tmp_path / f"b{k}"), "--quiet"],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        metas.append(read_metadata(tmp_path / f"b{k}")[1])
+    assert metas[0]["reproducibility"] == {"byte_identical": True}
+    assert metas[0]["files"] == metas[1]["files"]
+
+
+def test_coreml_says_why_it_is_not_byte_identical(bundles):
+    meta = read_metadata(bundles("coreml", "fp16"))[1]
+    assert meta["reproducibility"]["byte_identical"] is False and "Manifest.json" in meta["reproducibility"]["why"]
