@@ -58,6 +58,7 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"{name}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data": the pixels decide
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
@@ -76,7 +77,10 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"{name}: declared size exceeds the limit of {MAX_PIXELS:,} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"{name}: truncated or corrupt image ({msg})") from None
+        raise ImageError(f"{name}: truncated or corrupt image ({msg[:160]})") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise other types on malformed files
+        # found by fuzzing: Pillow 13's TIFF plugin raises TypeError on a rational strip offset
+        raise ImageError(f"{name}: corrupt image ({type(e).__name__} in the decoder: {str(e)[:120]})") from None
     arr = np.asarray(rgb, dtype=np.uint8)
     return np.ascontiguousarray(arr[..., ::-1])
 
