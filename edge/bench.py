@@ -1,0 +1,253 @@
+"""`edge bench`: latency of bundles, the FP32 PyTorch model and peer detectors, measured the same
+way in one run, with pre-processing, inference and post-processing timed separately.
+
+Runs are interleaved (run k of every candidate, then run k+1) so that drift on a shared machine
+hits all candidates alike. The compute floor is the model's multiply-accumulates divided by the
+peak MAC rate of the same cores, measured with a large matrix product through onnxruntime's
+kernels (fp32 MatMul, int8 MatMulInteger) at the same thread count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Candidate:
+    name: str
+    pipeline: object
+    model_bytes: int
+    macs: float | None  # multiply-accumulates per inference
+    dtype: str  # "fp32" or "int8": which peak rate is the floor
+
+
+def conv_macs(model, size: int) -> float:
+    """MACs of one forward pass at size x size (convolutions; the rest is negligible here)."""
+    import torch
+
+    total = 0.0
+
+    def hook(m, inp, out):
+        nonlocal total
+        k = m.kernel_size[0] * m.kernel_size[1]
+        total += out.numel() / out.shape[0] * (m.in_channels // m.groups) * k
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hs:
+        h.remove()
+    return total
+
+
+def peak_macs_per_s(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> float:
+    """Best-of-reps MAC rate of an n x n x n matrix product in onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if dtype == "fp32":
+        node = helper.make_node("MatMul", ["a", "b"], ["c"])
+        ins = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])]
+        out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
+        feeds = {"a": np.random.rand(n, n).astype(np.float32), "b": np.random.rand(n, n).astype(np.float32)}
+    else:
+        node = helper.make_node("MatMulInteger", ["a", "b"], ["c"])
+        ins = [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]), helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])]
+        out = helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])
+        feeds = {"a": np.random.randint(0, 255, (n, n), dtype=np.uint8), "b": np.random.randint(-127, 127, (n, n), dtype=np.int8)}
+    m = helper.make_model(helper.make_graph([node], "peak", ins, [out]), opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    s = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    s.run(None, feeds)
+    best = min(_timed(lambda: s.run(None, feeds)) for _ in range(reps))
+    return n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def rss_mb() -> float:
+    from edge.soak import rss_bytes
+
+    return rss_bytes() / 2**20
+
+
+def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: int) -> list[Candidate]:
+    from converters.api import path_bytes
+    from converters.bundle import load_bundle_runner, read_metadata
+    from edge.cli import peer_pipeline
+    from edge.pipeline import Pipeline
+    from edge.weights import load_weights
+
+    model, _ = load_weights("default")
+    ours_macs = conv_macs(model, input_size)
+    out = []
+    for b in bundles:
+        folder, meta = read_metadata(b)
+        runner, spec, _ = load_bundle_runner(b, threads=threads)
+        files = [meta["model_file"]] + (["model.bin"] if meta["target"] == "openvino" else [])
+        dtype = "int8" if meta["precision"] == "int8" else "fp32"
+        out.append(Candidate(f"{meta['target']} {meta['precision']}", Pipeline(runner, spec), sum(path_bytes(folder / f) for f in files),
+                             conv_macs(model, spec.input_size), dtype))
+    if torch_ref:
+        import torch
+
+        from edge.runners import TorchRunner
+
+        torch.set_num_threads(threads)
+        out.append(Candidate("pytorch fp32 (eager)", Pipeline(TorchRunner(model), model.spec.with_input_size(input_size)),
+                             sum(p.numel() * 4 for p in model.parameters()), ours_macs, "fp32"))
+    for p in peers:
+        pipe, desc = peer_pipeline(p, input_size, threads=threads)
+        path = getattr(pipe, "model_path", None) or (p.split(":", 1)[1] if p.startswith("yunet:") else None)
+        size = Path(path).stat().st_size if path else 0
+        out.append(Candidate(desc, pipe, size, None, "fp32"))
+    return out
+
+
+def bench(candidates: list[Candidate], image: np.ndarray, warmup: int, runs: int, threads: int, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    import resource
+
+    added = {}
+    for c in candidates:  # resident memory a candidate adds once loaded and warmed (first runs allocate arenas)
+        before = rss_mb()
+        for _ in range(warmup):
+            c.pipeline(image)
+        added[c.name] = rss_mb() - before
+    times = {c.name: {"pre": [], "infer": [], "post": [], "e2e": []} for c in candidates}
+    for _ in tqdm(range(runs), desc=f"bench {threads} thread(s)", disable=not progress):
+        for c in candidates:
+            t0 = time.perf_counter()
+            prep = c.pipeline.preprocess(image)
+            t1 = time.perf_counter()
+            out = c.pipeline.runner(prep.tensor)
+            t2 = time.perf_counter()
+            c.pipeline.postprocess(out, prep)
+            t3 = time.perf_counter()
+            for k, v in (("pre", t1 - t0), ("infer", t2 - t1), ("post", t3 - t2), ("e2e", t3 - t0)):
+                times[c.name][k].append(v * 1e3)
+    peaks = {d: peak_macs_per_s(threads, d) for d in ("fp32", "int8")}
+    rows = []
+    for c in candidates:
+        stats = {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "min": float(np.min(v))} for k, v in times[c.name].items()}
+        floor_ms = c.macs / peaks[c.dtype] * 1e3 if c.macs else None
+        rows.append({"name": c.name, "threads": threads, "runs": runs, "warmup": warmup, "ms": stats, "model_bytes": c.model_bytes,
+                     "gmacs": c.macs / 1e9 if c.macs else None, "floor_ms": floor_ms, "floor_dtype": c.dtype,
+                     "infer_over_floor": stats["infer"]["median"] / floor_ms if floor_ms else None,
+                     "peak_gmacs_per_s": peaks[c.dtype] / 1e9, "rss_added_by_warmup_mb": round(added[c.name], 1),
+                     "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def table(rows: list[dict], accuracy: dict[str, dict] | None = None) -> str:
+    acc = accuracy or {}
+    lines = ["| model | threads | pre ms | infer ms (median / p90 / min) | post ms | end-to-end ms (median / p90) | infer / floor | size MB | RSS +MB | WIDER hard |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        m = r["ms"]
+        ratio = f"{r['infer_over_floor']:.1f}x ({r['floor_ms']:.1f} ms {r['floor_dtype']})" if r.get("infer_over_floor") else "–"
+        hard = acc.get(r["name"], {}).get("hard")
+        lines.append(f"| {r['name']} | {r['threads']} | {m['pre']['median']:.1f} | {m['infer']['median']:.1f} / {m['infer']['p90']:.1f} / {m['infer']['min']:.1f} | "
+                     f"{m['post']['median']:.1f} | {m['e2e']['median']:.1f} / {m['e2e']['p90']:.1f} | {ratio} | {r['model_bytes'] / 1e6:.2f} | "
+                     f"{r.get('rss_added_by_warmup_mb', '–')} | "
+                     f"{'–' if hard is None else f'{100 * hard:.2f}'} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], accuracy: dict[str, dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    for r in rows:
+        a = accuracy.get(r["name"])
+        if not a:
+            continue
+        ax.scatter(r["ms"]["e2e"]["median"], 100 * a["hard"], label=f"{r['name']} ({r['threads']}t)")
+        ax.annotate(r["name"], (r["ms"]["e2e"]["median"], 100 * a["hard"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("end-to-end latency, median (ms)")
+    ax.set_ylabel("WIDER FACE val AP hard (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(machine(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], accuracy: dict[str, dict], out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# Benchmark ({time.strftime('%Y-%m-%d')}, {machine()})", "", table(rows, accuracy), ""]
+    if accuracy:
+        plot(rows, accuracy, out / "latency_vs_ap.png")
+        md += ["![latency vs AP](latency_vs_ap.png)", ""]
+    (out / "bench.md").write_text("\n".join(md))
+    return out / "bench.md"
+
+
+def cmd_bench(args) -> int:
+    from edge.samples import scene
+
+    accuracy = {}
+    for spec in args.accuracy or []:
+        name, _, path = spec.partition("=")
+        accuracy[name] = json.loads(Path(path).read_text())
+    rows: list[dict] = []
+    for f in args.merge or []:
+        rows += json.loads(Path(f).read_text())
+    if args.bundles or args.peers or args.torch:
+        image = scene(7, (720, 1280), 8)
+        for t in args.threads:
+            cands = build_candidates(args.bundles, args.peers, args.torch, t, args.input_size)
+            rows += bench(cands, image, args.warmup, args.runs, t, progress=not args.quiet)
+    print(table(rows, accuracy))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.report:
+        print(f"report: {write_report(rows, accuracy, args.report)}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="latency of bundles, the PyTorch model and peers, side by side")
+    p.add_argument("bundles", nargs="*")
+    p.add_argument("--peers", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="comma-separated: yunet:PATH.onnx, blazeface:short_range, blazeface:full_range")
+    p.add_argument("--torch", action="store_true", help="also the FP32 PyTorch model (eager)")
+    p.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    p.add_argument("--input-size", type=int, default=640)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--accuracy", action="append", help="NAME=eval.json (edge eval widerface --json) to plot latency against AP hard")
+    p.add_argument("--merge", action="append", help="rows JSON written by edge bench or a device script, added to the table")
+    p.add_argument("--json", default=None)
+    p.add_argument("--report", default=None, help="folder for bench.md and the plot")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)

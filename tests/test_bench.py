@@ -1,0 +1,53 @@
+"""edge bench, the peers and the device benchmark scripts (tiny run counts: the numbers are not checked, the plumbing is)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.convert
+
+
+def test_bench_table_json_and_report(bundles, shared, tmp_path, capsys):
+    yunet = shared / "peers/yunet/face_detection_yunet_2026may.onnx"
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({"easy": 0.9, "medium": 0.85, "hard": 0.6}))
+    rc = cli.main(["bench", str(bundles("onnx", "fp32")), str(bundles("tflite", "int8")), "--torch", "--peers", f"yunet:{yunet},blazeface:short_range",
+                   "--threads", "1", "--runs", "3", "--warmup", "1", "--quiet", "--json", str(tmp_path / "b.json"),
+                   "--report", str(tmp_path / "rep"), "--accuracy", f"onnx fp32={acc}"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "b.json").read_text())
+    names = [r["name"] for r in rows]
+    assert names[:3] == ["onnx fp32", "tflite int8", "pytorch fp32 (eager)"] and any("YuNet" in n for n in names) and any("BlazeFace" in n for n in names)
+    for r in rows:
+        assert r["ms"]["e2e"]["median"] >= r["ms"]["infer"]["median"] > 0 and r["runs"] == 3
+    ours = rows[0]
+    assert 0.9 < ours["gmacs"] < 1.1 and ours["infer_over_floor"] > 1.0  # 0.99 GMACs at 640; nothing beats the floor
+    md = (tmp_path / "rep" / "bench.md").read_text()
+    assert "| onnx fp32 | 1 |" in md and "60.00" in md and (tmp_path / "rep" / "latency_vs_ap.png").is_file()
+
+
+def test_device_bench_scripts_run_here_and_merge(bundles, tmp_path):
+    rpi, jet = tmp_path / "rpi.json", tmp_path / "jetson.json"
+    for script, bundle, out in (("targets/rpi/bench_tflite.py", bundles("tflite", "int8"), rpi), ("targets/jetson/bench_onnx.py", bundles("onnx", "fp32"), jet)):
+        r = subprocess.run([sys.executable, script, str(bundle), "--runs", "3", "--warmup", "1", "--json", str(out)] + (["--threads", "1"] if "rpi" in script else []),
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert cli.main(["bench", "--merge", str(rpi), "--merge", str(jet), "--report", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "bench.md").read_text()
+    assert "tflite int8 [" in md and "onnx fp32 [onnxruntime (CPUExecutionProvider)" in md
+
+
+def test_yunet_peer_detects_the_portrait(shared):
+    from edge.peers import BlazeFacePipeline, YuNetPipeline
+    from edge.samples import grace_hopper
+
+    for pipe in (YuNetPipeline(shared / "peers/yunet/face_detection_yunet_2026may.onnx"), BlazeFacePipeline("short_range"), BlazeFacePipeline("full_range")):
+        det = pipe(grace_hopper())
+        assert len(det) == 1
+        x1, y1, x2, y2 = det.boxes[0]
+        assert 140 < x1 < 220 and 330 < x2 < 400 and 100 < y1 < 160 and 300 < y2 < 360
