@@ -185,13 +185,17 @@ def plot(rows: list[dict], accuracy: dict[str, dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
+    names = [n for n in dict.fromkeys(r["name"] for r in rows) if n in accuracy]
+    colours = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
+    markers = {}
     for r in rows:
-        a = accuracy.get(r["name"])
-        if not a:
+        if r["name"] not in accuracy:
             continue
-        ax.scatter(r["ms"]["e2e"]["median"], 100 * a["hard"], label=f"{r['name']} ({r['threads']}t)")
-        ax.annotate(r["name"], (r["ms"]["e2e"]["median"], 100 * a["hard"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        m = markers.setdefault(r["threads"], "osD^v"[len(markers) % 5])
+        ax.scatter(r["ms"]["e2e"]["median"], 100 * accuracy[r["name"]]["hard"], color=colours[r["name"]], marker=m, s=36,
+                   label=f"{r['name']} ({r['threads']} thr)")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xlabel("end-to-end latency, median (ms)")
     ax.set_ylabel("WIDER FACE val AP hard (%)")
     ax.grid(alpha=0.3)

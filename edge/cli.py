@@ -36,7 +36,7 @@ def add_model_args(p: argparse.ArgumentParser, bundle: bool = True) -> None:
     p.add_argument("--arch", default=None, help="configuration of an unknown checkpoint: pytorch_retinaface (default) or face_detector_1mb")
     if bundle:
         p.add_argument("--bundle", default=None, help="a converted bundle folder instead of --weights")
-        p.add_argument("--peer", default=None, help="a peer detector instead: yunet:PATH.onnx, blazeface:short_range|full_range")
+        p.add_argument("--peer", default=None, help="a peer detector instead: yunet:PATH.onnx (onnxruntime), yunet-cv:PATH.onnx (OpenCV), blazeface:short_range|full_range")
 
 
 def build_pipeline(args, input_size, post=None):
@@ -61,13 +61,19 @@ def build_pipeline(args, input_size, post=None):
 
 def peer_pipeline(peer: str, input_size, post=None, threads=None):
     """-> (pipeline, description) for "yunet:PATH" or "blazeface:short_range|full_range"."""
-    from edge.peers import BlazeFacePipeline, YuNetPipeline
+    from edge.peers import BlazeFacePipeline, YuNetCVPipeline, YuNetPipeline
 
     kind, _, arg = peer.partition(":")
-    if kind == "yunet":
+    if kind in ("yunet", "yunet-cv"):
         if not arg or not Path(arg).is_file():
-            raise ConfigError(f"--peer yunet needs the ONNX file: yunet:PATH (got {peer!r})")
-        return YuNetPipeline(arg, input_size, post, threads), f"YuNet {Path(arg).name} (onnxruntime)"
+            raise ConfigError(f"--peer {kind} needs the ONNX file: {kind}:PATH (got {peer!r})")
+        if kind == "yunet":
+            return YuNetPipeline(arg, input_size, post, threads), f"YuNet {Path(arg).name} (onnxruntime)"
+        import importlib.util
+
+        if importlib.util.find_spec("cv2") is None:
+            raise ConfigError("--peer yunet-cv needs OpenCV: pip install 'retinaface-edge[bench]'")
+        return YuNetCVPipeline(arg, input_size, post, threads), f"YuNet {Path(arg).name} (OpenCV FaceDetectorYN)"
     if kind == "blazeface":
         variant = arg or "short_range"
         if variant not in ("short_range", "full_range"):

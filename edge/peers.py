@@ -124,3 +124,33 @@ class BlazeFacePipeline(Pipeline):
         kps = (raw[:, 4:16].reshape(-1, 6, 2) + self.anchors[:, None, :])[:, :5] * self.size
         scores = 1 / (1 + np.exp(-np.clip(b[:, 0], -80, 80)))
         return _finish(boxes, scores, kps, prep, self.post)
+
+
+class YuNetCVPipeline(Pipeline):
+    """YuNet through OpenCV's own FaceDetectorYN (decoding and NMS inside OpenCV), on the same letterbox."""
+
+    def __init__(self, onnx_path, input_size: int | None = 640, post: PostConfig | None = None, threads: int | None = None):
+        import cv2
+
+        if threads:
+            cv2.setNumThreads(threads)
+        post = post or PostConfig()
+        spec = dataclasses.replace(ModelSpec(), input_size=input_size, mean=(0.0, 0.0, 0.0))
+        size = input_size or 640
+        self.detector = cv2.FaceDetectorYN.create(str(onnx_path), "", (size, size), post.score_threshold, post.nms_threshold, post.keep_top_k)
+        det = self.detector
+
+        def run(x):
+            img = np.ascontiguousarray(x[0].transpose(1, 2, 0)).astype(np.uint8)
+            det.setInputSize((img.shape[1], img.shape[0]))
+            _, faces = det.detect(img)
+            return {"faces": np.zeros((0, 15), np.float32) if faces is None else faces}
+
+        run.name = f"yunet (OpenCV {cv2.__version__} FaceDetectorYN)"
+        super().__init__(run, spec, post)
+
+    def postprocess(self, outputs, prep: Prepared, batch_index: int = 0) -> Detections:
+        f = outputs["faces"].astype(np.float32)
+        boxes = np.concatenate([f[:, :2], f[:, :2] + f[:, 2:4]], 1)
+        det = Detections(boxes, f[:, 14], f[:, 4:14].reshape(-1, 5, 2))
+        return rescale(det, prep.scale, prep.pad, prep.image_hw)

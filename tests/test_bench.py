@@ -51,3 +51,21 @@ def test_yunet_peer_detects_the_portrait(shared):
         assert len(det) == 1
         x1, y1, x2, y2 = det.boxes[0]
         assert 140 < x1 < 220 and 330 < x2 < 400 and 100 < y1 < 160 and 300 < y2 < 360
+
+
+def test_yunet_decoder_agrees_with_opencv(shared):
+    """Our numpy decoding of YuNet's raw outputs against OpenCV's own FaceDetectorYN."""
+    pytest.importorskip("cv2")
+    import numpy as np
+
+    from edge.cli import peer_pipeline
+    from edge.parity import detection_agreement
+    from edge.samples import grace_hopper, scene
+
+    path = shared / "peers/yunet/face_detection_yunet_2026may.onnx"
+    ours, _ = peer_pipeline(f"yunet:{path}", 640)
+    cv, _ = peer_pipeline(f"yunet-cv:{path}", 640)
+    for im in (grace_hopper(), scene(3)):
+        a, b = ours(im), cv(im)
+        ag = detection_agreement(a, b)
+        assert len(a) > 0 and ag["recall"] == 1.0 and ag["precision"] == 1.0 and min(ag["iou"]) > 0.995
