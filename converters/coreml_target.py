@@ -5,8 +5,8 @@ int8 per-channel (constexpr dequantise at load; linear_quantize_weights with no 
 so the small depthwise kernels are int8 too). int8 (W8A8): the PT2E program calibrated on the
 calibration set, converted with folded weights, so activations carry quantize/dequantize pairs.
 
-Core ML itself runs only on macOS: on Linux a bundle is checked structurally (names, shapes,
-op types, int8 weights) and not run.
+Core ML itself runs only on macOS. Elsewhere bundles run in `converters.mil_interpreter`, a numpy
+interpreter of the program, labelled "interpreted MIL, not the Core ML runtime" wherever it reports.
 """
 from __future__ import annotations
 
@@ -23,9 +23,7 @@ from edge.model import TupleOutputs
 
 
 def _runs_here() -> str | None:
-    if platform.system() != "Darwin":
-        return "Core ML cannot run on Linux (the Core ML runtime exists only on macOS/iOS); bundle checked structurally only"
-    return None
+    return None  # the Core ML runtime on macOS; elsewhere the numpy MIL interpreter (labelled as such)
 
 
 CAPABILITIES = Capabilities(
@@ -38,7 +36,7 @@ CAPABILITIES = Capabilities(
         "int8": "PT2E PTQ (W8A8), convert_pt2e(fold_quantize=True) -> ct.convert",
     },
     convert_requires=("coremltools", "torchao", "litert_torch"),
-    run_requires=("coremltools (macOS)",),
+    run_requires=("coremltools: the Core ML runtime on macOS, the numpy MIL interpreter elsewhere",),
     extra="coreml",
     runs_here=_runs_here,
     not_byte_identical=("coremltools 9 writes a fresh UUID per item into Manifest.json and serialises protobuf map fields "
@@ -141,14 +139,16 @@ class CoreMLRunner:
         self.name = f"{name} (Core ML runtime)"
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.model.predict({"input": np.ascontiguousarray(x, dtype=np.float32)})
+        # fp16 programs declare a FLOAT16 input (iOS 17 target)
+        dt = np.float16 if self.model.get_spec().description.input[0].type.multiArrayType.dataType == 65552 else np.float32
+        out = self.model.predict({"input": np.ascontiguousarray(x, dtype=dt)})
         return {n: np.asarray(out[n], dtype=np.float32) for n in self.output_names}
 
 
 def load_runner(bundle_dir: Path, meta: dict, threads: int | None = None):
-    from edge.errors import BundleError
+    name = f"coreml-{meta['precision']}"
+    if platform.system() == "Darwin":
+        return CoreMLRunner(bundle_dir / meta["model_file"], meta["spec"]["output_names"], name=name)
+    from converters.mil_interpreter import InterpretedCoreMLRunner
 
-    reason = _runs_here()
-    if reason:
-        raise BundleError(reason)
-    return CoreMLRunner(bundle_dir / meta["model_file"], meta["spec"]["output_names"], name=f"coreml-{meta['precision']}")
+    return InterpretedCoreMLRunner(bundle_dir / meta["model_file"], meta["spec"]["output_names"], name=name)

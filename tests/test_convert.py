@@ -77,10 +77,8 @@ def test_coreml_structure(bundles, precision):
         assert q["int8_weight_tensors"] >= 56
     if precision == "int8":
         assert q["ops"].get("quantize", 0) + q["ops"].get("dequantize", 0) > 0
-    if sys.platform != "darwin":
-        assert meta["parity"]["passed"] is None and "Linux" in meta["parity"]["not_run"]
-        with pytest.raises(BundleError, match="Core ML cannot run on Linux"):
-            load_bundle_runner(bundle)
+    if sys.platform != "darwin":  # run by the numpy MIL interpreter, and said so
+        assert meta["parity"]["passed"] is True and "interpreted MIL, not the Core ML runtime" in meta["parity"]["runner"]
 
 
 def test_format_metadata_slots(bundles):
