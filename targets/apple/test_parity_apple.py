@@ -1,5 +1,4 @@
 """macOS / iOS: a CoreML bundle on the Core ML runtime (macOS only)."""
-import json
 import platform
 
 import pytest
@@ -10,9 +9,5 @@ import runtimes
 
 @pytest.mark.skipif(platform.system() != "Darwin", reason="the Core ML runtime exists only on macOS")
 def test_parity_against_golden(bundle):
-    _, meta, _ = edgecheck.load_bundle(bundle)
-    assert meta["target"] == "coreml", f"this suite runs CoreML bundles, got {meta['target']}"
-    run, runtime = runtimes.coreml(bundle / meta["model_file"], meta["spec"]["output_names"])
-    s = edgecheck.run_check(bundle, run)
-    print(f"\nruntime: {runtime}\n" + json.dumps(s, indent=1))
+    s = edgecheck.check_on_device(bundle, "coreml", runtimes.coreml)
     assert s["passed"], s["failed"]

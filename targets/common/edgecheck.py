@@ -192,3 +192,17 @@ def run_check(folder, runner) -> dict:
     s["failed"] = failed
     s["passed"] = not failed
     return s
+
+
+def check_on_device(bundle, target: str, make_runner) -> dict:
+    """The device suites' one test: the bundle is for `target`, `make_runner(model_path, output_names)`
+    -> (run, runtime name) builds the runtime, and the bundle passes its gates against golden.npz."""
+    import json as _json
+
+    folder, meta, _ = load_bundle(bundle)
+    if meta["target"] != target:
+        raise BundleCheckError(f"this suite runs {target} bundles, got {meta['target']}")
+    run, runtime = make_runner(folder / meta["model_file"], meta["spec"]["output_names"])
+    s = run_check(folder, run)
+    print(f"\nruntime: {runtime}\n" + _json.dumps(s, indent=1))
+    return s
