@@ -67,13 +67,11 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     x = torch.zeros(1, 3, opts.input_size, opts.input_size)
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
     if opts.precision == "int8":
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
-        from quant.ptq import pt2e_calibrated
+        from quant.ptq import converted, pt2e_calibrated
 
         step(opts.progress, f"PT2E: observing {len(calib)} calibration images")
         gm, _ = pt2e_calibrated(model, spec, calib, opts.progress)
-        gm = convert_pt2e(gm, fold_quantize=True)
+        gm = converted(gm, fold_quantize=True)
         step(opts.progress, "ct.convert (W8A8)")
         ml = _convert_program(gm, x, spec, "fp16")
         quant.update({"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (quantize/dequantize in the program)"})

@@ -41,12 +41,10 @@ def _convert_fp32(model, x: torch.Tensor, path: Path) -> None:
 def _convert_int8(model, x, calib, spec, path: Path, progress: bool) -> dict:
     import litert_torch
     from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
-    from quant.ptq import pt2e_calibrated
+    from quant.ptq import converted, pt2e_calibrated
 
     gm, quantizer = pt2e_calibrated(model, spec, calib, progress)
-    gm = convert_pt2e(gm, fold_quantize=False)
+    gm = converted(gm, fold_quantize=False)
     litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
     return {"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (histogram observer)"}
 

@@ -11,8 +11,8 @@ from edge.model import TupleOutputs
 
 
 def pt2e_calibrated(model, spec, calib, progress: bool = True):
-    """-> (prepared-and-observed GraphModule, quantizer). Call torchao's convert_pt2e on it
-    (fold_quantize=False for litert-torch, True for coremltools)."""
+    """-> (prepared-and-observed GraphModule, quantizer). Finish with `converted` (fold_quantize=False
+    for litert-torch, True for coremltools)."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from tqdm import tqdm
@@ -26,3 +26,15 @@ def pt2e_calibrated(model, spec, calib, progress: bool = True):
         for t in tqdm(list(calib.tensors(spec)), desc="calibrating", unit="img", disable=not progress):
             gm(torch.from_numpy(t))
     return gm, quantizer
+
+
+def converted(gm, fold_quantize: bool):
+    """convert_pt2e, then put the graph in eval mode (exported graphs carry no .eval(); torchao's helper does it)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    gm = move_exported_model_to_eval(convert_pt2e(gm, fold_quantize=fold_quantize))
+    # torch 2.13's exported modules refuse .eval(); the ops are now in eval form, so record it for
+    # litert-torch 0.10, which reads .training and otherwise warns "converted in training mode"
+    gm.training = False
+    return gm
