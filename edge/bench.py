@@ -3,8 +3,9 @@ way in one run, with pre-processing, inference and post-processing timed separat
 
 Runs are interleaved (run k of every candidate, then run k+1) so that drift on a shared machine
 hits all candidates alike. The compute floor is the model's multiply-accumulates divided by the
-peak MAC rate of the same cores, measured with a large matrix product through onnxruntime's
-kernels (fp32 MatMul, int8 MatMulInteger) at the same thread count.
+peak MAC rate of the same cores through the same runtime's kernels: a 1024^3 matrix product at
+the same thread count in onnxruntime (MatMul / MatMulInteger), TFLite (FULLY_CONNECTED, fp32 or
+int8), OpenVINO (MatMul, f32 or NNCF-quantised) or PyTorch (matmul).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Candidate:
     model_bytes: int
     macs: float | None  # multiply-accumulates per inference
     dtype: str  # "fp32" or "int8": which peak rate is the floor
+    runtime: str = "onnxruntime"  # whose matrix-product kernels give the floor: onnxruntime, tflite, openvino, torch
 
 
 def conv_macs(model, size: int) -> float:
@@ -71,6 +73,76 @@ def peak_macs_per_s(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> f
     return n ** 3 / best
 
 
+def _peak_tflite(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> float:
+    """A 1024^3 product through TFLite's own kernels (FULLY_CONNECTED), fp32 or PT2E int8; models cached."""
+    import torch
+
+    from converters.tflite_target import TFLiteRunner
+    from edge.weights import cache_dir
+
+    path = cache_dir() / "bench" / f"matmul_{dtype}_{n}.tflite"
+    if not path.is_file():
+        import litert_torch
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lin = torch.nn.Linear(n, n, bias=False).eval()
+        x = torch.randn(n, n)
+        if dtype == "fp32":
+            em = litert_torch.convert(lin, (x,))
+        else:
+            from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+            from litert_torch.quantize.quant_config import QuantConfig
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            q = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            gm = prepare_pt2e(torch.export.export(lin, (x,)).module(), q)
+            gm(x)
+            gm = convert_pt2e(gm, fold_quantize=False)
+            gm.training = False
+            em = litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=q))
+        tmp = path.with_suffix(".partial")
+        em.export(str(tmp))
+        tmp.replace(path)
+    r = TFLiteRunner(path, ["y"], threads)
+    x = np.random.rand(n, n).astype(np.float32)
+    r(x)
+    return n ** 3 / min(_timed(lambda: r(x)) for _ in range(reps))
+
+
+def _peak_openvino(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> float:
+    """A 1024^3 product through OpenVINO's CPU kernels: f32 MatMul, or NNCF-quantised (u8 x i8)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([n, n], ov.Type.f32, name="x")
+    w = ops.constant(np.random.rand(n, n).astype(np.float32) - 0.5)
+    m = ov.Model([ops.matmul(x, w, False, True)], [x], "matmul")
+    data = np.random.rand(n, n).astype(np.float32)
+    if dtype == "int8":
+        import nncf
+
+        m = nncf.quantize(m, nncf.Dataset([data]), subset_size=1, preset=nncf.QuantizationPreset.MIXED)
+    c = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+    req = c.create_infer_request()
+    req.infer({0: data})
+    return n ** 3 / min(_timed(lambda: req.infer({0: data})) for _ in range(reps))
+
+
+def _peak_torch(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    a @ b
+    return n ** 3 / min(_timed(lambda: a @ b) for _ in range(reps))
+
+
+def peak(runtime: str, threads: int, dtype: str) -> float:
+    """Peak MAC/s of `runtime`'s own matrix-product kernels at `threads` (torch: fp32 only)."""
+    fn = {"onnxruntime": peak_macs_per_s, "tflite": _peak_tflite, "openvino": _peak_openvino, "torch": _peak_torch}[runtime]
+    return fn(threads, dtype)
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -98,8 +170,9 @@ def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: 
         runner, spec, _ = load_bundle_runner(b, threads=threads)
         files = [meta["model_file"]] + (["model.bin"] if meta["target"] == "openvino" else [])
         dtype = "int8" if meta["precision"] == "int8" else "fp32"
+        rt = {"onnx": "onnxruntime", "tflite": "tflite", "openvino": "openvino"}.get(meta["target"])
         out.append(Candidate(f"{meta['target']} {meta['precision']}", Pipeline(runner, spec), sum(path_bytes(folder / f) for f in files),
-                             conv_macs(model, spec.input_size), dtype))
+                             conv_macs(model, spec.input_size) if rt else None, dtype, rt or "onnxruntime"))
     if torch_ref:
         import torch
 
@@ -107,7 +180,7 @@ def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: 
 
         torch.set_num_threads(threads)
         out.append(Candidate("pytorch fp32 (eager)", Pipeline(TorchRunner(model), model.spec.with_input_size(input_size)),
-                             sum(p.numel() * 4 for p in model.parameters()), ours_macs, "fp32"))
+                             sum(p.numel() * 4 for p in model.parameters()), ours_macs, "fp32", "torch"))
     for p in peers:
         pipe, desc = peer_pipeline(p, input_size, threads=threads)
         path = getattr(pipe, "model_path", None) or (p.split(":", 1)[1] if p.startswith("yunet:") else None)
@@ -139,15 +212,16 @@ def bench(candidates: list[Candidate], image: np.ndarray, warmup: int, runs: int
             t3 = time.perf_counter()
             for k, v in (("pre", t1 - t0), ("infer", t2 - t1), ("post", t3 - t2), ("e2e", t3 - t0)):
                 times[c.name][k].append(v * 1e3)
-    peaks = {d: peak_macs_per_s(threads, d) for d in ("fp32", "int8")}
+    peaks = {(c.runtime, c.dtype): peak(c.runtime, threads, c.dtype) for c in candidates if c.macs}
     rows = []
     for c in candidates:
         stats = {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "min": float(np.min(v))} for k, v in times[c.name].items()}
-        floor_ms = c.macs / peaks[c.dtype] * 1e3 if c.macs else None
+        floor_ms = c.macs / peaks[c.runtime, c.dtype] * 1e3 if c.macs else None
         rows.append({"name": c.name, "threads": threads, "runs": runs, "warmup": warmup, "ms": stats, "model_bytes": c.model_bytes,
                      "gmacs": c.macs / 1e9 if c.macs else None, "floor_ms": floor_ms, "floor_dtype": c.dtype,
                      "infer_over_floor": stats["infer"]["median"] / floor_ms if floor_ms else None,
-                     "peak_gmacs_per_s": peaks[c.dtype] / 1e9, "rss_added_by_warmup_mb": round(added[c.name], 1),
+                     "peak_gmacs_per_s": peaks[c.runtime, c.dtype] / 1e9 if c.macs else None, "floor_runtime": c.runtime if c.macs else None,
+                     "rss_added_by_warmup_mb": round(added[c.name], 1),
                      "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
     return rows
 
