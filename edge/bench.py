@@ -183,7 +183,7 @@ def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: 
                              sum(p.numel() * 4 for p in model.parameters()), ours_macs, "fp32", "torch"))
     for p in peers:
         pipe, desc = peer_pipeline(p, input_size, threads=threads)
-        path = getattr(pipe, "model_path", None) or (p.split(":", 1)[1] if p.startswith("yunet:") else None)
+        path = getattr(pipe, "model_path", None) or (p.split(":", 1)[1] if p.startswith(("yunet:", "yunet-cv:")) else None)
         size = Path(path).stat().st_size if path else 0
         out.append(Candidate(desc, pipe, size, None, "fp32"))
     return out
