@@ -8,6 +8,14 @@ A calibration set is a stack of letterboxed BGR uint8 canvases at the contract's
 - a folder of the user's images: N picked deterministically (by a hash of the file name);
 - a built set (.npz) written by `python -m calib_data.build`.
 """
-from calib_data.build import CalibSet, build_from_folder, default_set, load_calibration
 
-__all__ = ["CalibSet", "build_from_folder", "default_set", "load_calibration"]
+_EXPORTS = ("CalibSet", "build_from_folder", "default_set", "load_calibration")
+
+
+def __getattr__(name):
+    # lazy, so that `python -m calib_data.build` does not import the module twice
+    if name in _EXPORTS:
+        from calib_data import build
+
+        return getattr(build, name)
+    raise AttributeError(name)
