@@ -45,9 +45,11 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
         return image.astype(np.float32)
     y0, y1, fy = _axis_weights(image.shape[0], height)
     x0, x1, fx = _axis_weights(image.shape[1], width)
-    img = image.astype(np.float32, copy=False)
-    rows = img[y0] * (1 - fy)[:, None, None] + img[y1] * fy[:, None, None]
-    return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    # gather the needed rows before converting to float: a downscale touches only 2 * height rows
+    top = image[y0].astype(np.float32)
+    rows = top + (image[y1].astype(np.float32) - top) * fy[:, None, None]
+    left = rows[:, x0]
+    return left + (rows[:, x1] - left) * fx[None, :, None]
 
 
 def round_up(v: int, m: int) -> int:
@@ -70,9 +72,9 @@ def prepare(image_bgr: np.ndarray, spec: ModelSpec) -> Prepared:
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         ch = cw = size
         resized = resize_bilinear(image_bgr, nh, nw)
-    x = np.zeros((ch, cw, 3), np.float32)
-    mean = np.asarray(spec.mean, np.float32)
-    std = np.asarray(spec.std, np.float32)
-    x[:nh, :nw] = (resized - mean) / std
-    tensor = np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    tensor = np.zeros((1, 3, ch, cw), np.float32)
+    for c in range(3):  # written plane by plane: no HWC -> CHW copy
+        np.subtract(resized[..., c], np.float32(spec.mean[c]), out=tensor[0, c, :nh, :nw])
+        if spec.std[c] != 1.0:
+            tensor[0, c, :nh, :nw] /= np.float32(spec.std[c])
     return Prepared(tensor, scale, (0.0, 0.0), (h, w))
