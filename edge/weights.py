@@ -94,9 +94,10 @@ class LoadedWeights:
     arch: ArchConfig
     known: bool
     params: int
+    from_checkpoint: bool = False  # the configuration was recorded in the checkpoint (edge compress)
 
     def describe(self) -> str:
-        kind = "registry" if self.known else "unknown checkpoint, configuration given by --arch"
+        kind = "registry" if self.known else "configuration from the checkpoint" if self.from_checkpoint else "unknown checkpoint, configuration given by --arch"
         return f"{self.name} [{self.arch.name}; {kind}; sha256 {self.sha256[:12]}]"
 
 
@@ -132,6 +133,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Accepts a plain state_dict or a dict holding one under "state_dict"/"model"; strips the
     DataParallel prefix "module.". Raises WeightsError for anything else.
     """
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (state_dict, our metadata or {}): `edge compress` checkpoints carry {"retinaface_edge": {...}}
+    beside "state_dict" (plain data, still loaded with weights_only=True)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
@@ -152,6 +159,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"checkpoint {path.name} is truncated or not a PyTorch file ({first[:160]})") from None
+    meta = {}
+    if isinstance(obj, dict) and isinstance(obj.get("retinaface_edge"), dict):
+        meta = obj["retinaface_edge"]
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -164,7 +174,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise WeightsError(f"checkpoint {path.name} holds a non-tensor entry {k!r}")
         out[k[len("module."):] if k.startswith("module.") else k] = v
-    return out
+    return out, meta
 
 
 def load_into(model: RetinaFace, state: dict[str, torch.Tensor], what: str) -> None:
@@ -355,10 +365,21 @@ def load_weights(
     entry = _BY_SHA.get(digest)
     if entry is not None and arch is not None and arch != entry.arch.name:
         raise ConfigError(f"{path.name} is the registry's {entry.name!r}, which uses {entry.arch.name}, not {arch}")
-    cfg = entry.arch if entry else ARCHS[arch or PYTORCH_RETINAFACE.name]
+    state, meta = read_checkpoint(path)
+    saved_arch = meta.get("arch") if isinstance(meta.get("arch"), str) else None
+    if saved_arch is not None and saved_arch not in ARCHS:
+        raise WeightsError(f"checkpoint {path.name} names an unknown configuration {saved_arch!r}")
+    if saved_arch and arch and arch != saved_arch:
+        raise ConfigError(f"{path.name} was written for {saved_arch}, not {arch}")
+    cfg = entry.arch if entry else ARCHS[arch or saved_arch or PYTORCH_RETINAFACE.name]
     model = RetinaFace(ModelSpec(arch=cfg, mesh_vertices=mesh_vertices))
-    load_into(model, read_state_dict(path), f"checkpoint {path.name}")
-    info = LoadedWeights(entry.name if entry else path.name, str(path), digest, cfg, entry is not None, count_params(model))
+    if meta.get("kind") == "pruned":
+        from quant.prune import shrink_to
+
+        shrink_to(model, state)
+    load_into(model, state, f"checkpoint {path.name}")
+    info = LoadedWeights(entry.name if entry else path.name, str(path), digest, cfg, entry is not None, count_params(model),
+                         from_checkpoint=saved_arch is not None and entry is None)
     return model.eval(), info
 
 

@@ -1,0 +1,42 @@
+"""Write a file so that the destination is either absent/old or complete: temp file beside it, then rename."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def atomic_file(dest: str | Path):
+    """Yield a temporary path beside `dest`; on success it is fsynced and renamed onto `dest`.
+    Partials left by killed runs (`.NAME.partial-PID.*` of a dead pid) are removed first."""
+    dest = Path(dest).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for p in dest.parent.glob(f".{dest.name}.partial-*"):
+        try:
+            pid = int(p.name.split(".partial-", 1)[1].split(".")[0])
+        except (ValueError, IndexError):
+            continue
+        if not _pid_alive(pid):
+            p.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.partial-{os.getpid()}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
