@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.atomic import pid_alive
 from edge.contract import ModelSpec
 from edge.errors import BundleError
 
@@ -36,16 +37,6 @@ def git_revision() -> str:
         return "unknown"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_partials(dest: Path) -> list[Path]:
     """Remove `.<name>.partial-<pid>` folders left by killed runs (their pid is gone)."""
     removed = []
@@ -54,7 +45,7 @@ def clean_stale_partials(dest: Path) -> list[Path]:
             pid = int(p.name.rsplit("-", 1)[1].split(".")[0])
         except ValueError:
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed

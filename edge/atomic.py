@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (partials of live writers are left alone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -28,7 +29,7 @@ def atomic_file(dest: str | Path):
             pid = int(p.name.split(".partial-", 1)[1].split(".")[0])
         except (ValueError, IndexError):
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             p.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.partial-{os.getpid()}.", dir=dest.parent)
     os.close(fd)
