@@ -151,7 +151,7 @@ def _add_later_commands(sub) -> None:
     """Sub-commands contributed by other modules, registered when their module exists."""
     import importlib
 
-    for mod in ("edge.eval_cli", "edge.parity_cli", "edge.soak", "edge.bench", "quant.cli"):
+    for mod in ("edge.eval_cli", "edge.parity_cli", "edge.soak", "edge.bench", "edge.train.cli", "quant.cli"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

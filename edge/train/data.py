@@ -1,0 +1,59 @@
+"""A torch Dataset over WIDER-format labels: image -> (3, S, S) float32 network input (the model's
+channel order, mean and std) and normalised targets. Randomness is drawn from (seed, epoch, index),
+so a resumed run sees the same augmentation and DataLoader workers need no seeding of their own."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge.contract import ModelSpec
+from edge.image_io import load_image
+from edge.train.augment import AugmentConfig, augment
+from edge.train.labels import LabelError, Sample
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list[Sample], root: str | Path, spec: ModelSpec, size: int, *,
+                 augment: AugmentConfig | None = AugmentConfig(), seed: int = 0):
+        if size % spec.pad_multiple:
+            raise ValueError(f"training size {size} is not a multiple of {spec.pad_multiple}")
+        self.samples, self.root, self.spec, self.size = samples, Path(root), spec, size
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        missing = [s.path for s in samples if not (self.root / s.path).is_file()]
+        if missing:
+            raise LabelError(f"{len(missing)} labelled images are not under {self.root}, e.g. {missing[0]}")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s = self.samples[i]
+        img = load_image(self.root / s.path)
+        mean = np.asarray(self.spec.mean, np.float32)
+        if self.augment is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, i))
+            x, boxes, lmk, has = augment(img, s.boxes, s.landmarks, s.has_landmarks, self.size, rng, self.augment, mean)
+        else:  # the inference letterbox: top-left, long side = size
+            from edge.preprocess import resize_bilinear
+
+            h, w = img.shape[:2]
+            scale = self.size / max(h, w)
+            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            x = np.empty((self.size, self.size, 3), np.float32)
+            x[:] = mean
+            x[:nh, :nw] = resize_bilinear(img, nh, nw)
+            boxes, lmk, has = s.boxes * scale, s.landmarks * scale, s.has_landmarks
+        x = (x - mean) / np.asarray(self.spec.std, np.float32)
+        t = {"boxes": torch.from_numpy(np.ascontiguousarray(boxes / self.size, np.float32)).reshape(-1, 4),
+             "landmarks": torch.from_numpy(np.ascontiguousarray(lmk / self.size, np.float32)).reshape(-1, 10),
+             "has_landmarks": torch.from_numpy(np.asarray(has, bool))}
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), t
+
+
+def collate(batch):
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
