@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STRIDES = (8, 16, 32)
+STRIDES_P2_P6 = (4, 8, 16, 32, 64)
 # Per-anchor width of each raw output, in the order the model returns them.
 OUTPUT_WIDTHS = {"loc": 4, "conf": 2, "landmarks": 10}
+# The cascade's second stage: the same outputs, encoded against the first stage's decoded boxes.
+CASCADE_WIDTHS = {"loc2": 4, "conf2": 2, "landmarks2": 10}
 
 
 @dataclass(frozen=True)
@@ -20,12 +23,20 @@ class ArchConfig:
 
     name: registry key of the configuration.
     leaky_slope: negative slope of every activation; 0.0 means plain ReLU.
-    min_sizes: anchor sizes in input pixels, one tuple per pyramid level (strides 8/16/32).
+    min_sizes: anchor sizes in input pixels, one tuple per pyramid level.
+    steps: the levels' strides: (8, 16, 32) for P3-P5, (4, 8, 16, 32, 64) for the P2-P6 variant.
+    cascade: a second stage of heads regressing from the first stage's boxes (outputs loc2, conf2, landmarks2).
     """
 
     name: str
     leaky_slope: float
     min_sizes: tuple[tuple[int, ...], ...]
+    steps: tuple[int, ...] = STRIDES
+    cascade: bool = False
+
+    def __post_init__(self):
+        if len(self.steps) != len(self.min_sizes) or tuple(self.steps) not in (STRIDES, STRIDES_P2_P6):
+            raise ValueError(f"steps must be {STRIDES} or {STRIDES_P2_P6}, one per min_sizes level; got {self.steps}")
 
     @property
     def anchors_per_cell(self) -> int:
@@ -39,7 +50,13 @@ class ArchConfig:
 PYTORCH_RETINAFACE = ArchConfig("pytorch_retinaface", 0.1, ((16, 32), (64, 128), (256, 512)))
 # Face-Detector-1MB-with-landmark's RetinaFace: plain ReLU, smaller anchors 10..256.
 FACE_DETECTOR_1MB = ArchConfig("face_detector_1mb", 0.0, ((10, 20), (32, 64), (128, 256)))
-ARCHS = {a.name: a for a in (PYTORCH_RETINAFACE, FACE_DETECTOR_1MB)}
+# Training configurations from the paper (RetinaFace, CVPR 2020), measured against the default (README, Training):
+# a 5-level pyramid P2-P6 with three anchor scales per level (2^(k/3)), 16..406 px ...
+PYRAMID_P2_P6 = ArchConfig("pytorch_retinaface_p2p6", 0.1,
+                           ((16, 20, 25), (32, 40, 51), (64, 81, 102), (128, 161, 203), (256, 323, 406)), STRIDES_P2_P6)
+# ... and the two-stage cascade on the default's levels and anchors.
+CASCADE = ArchConfig("pytorch_retinaface_cascade", 0.1, PYTORCH_RETINAFACE.min_sizes, STRIDES, cascade=True)
+ARCHS = {a.name: a for a in (PYTORCH_RETINAFACE, FACE_DETECTOR_1MB, PYRAMID_P2_P6, CASCADE)}
 
 
 @dataclass(frozen=True)
@@ -61,21 +78,29 @@ class ModelSpec:
     channel_order: str = "BGR"
     mean: tuple[float, float, float] = (104.0, 117.0, 123.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    steps: tuple[int, ...] = STRIDES
+    steps: tuple[int, ...] | None = None  # None: the configuration's strides
     variances: tuple[float, float] = (0.1, 0.2)
     fpn_channels: int = 64
     mesh_vertices: int = 0  # 0: no mesh head
-    pad_multiple: int = 32
+    pad_multiple: int | None = None  # None: the largest stride
+
+    def __post_init__(self):
+        if self.steps is None:
+            object.__setattr__(self, "steps", tuple(self.arch.steps))
+        if tuple(self.steps) != tuple(self.arch.steps):
+            raise ValueError(f"steps {self.steps} do not match configuration {self.arch.name} ({self.arch.steps})")
+        if self.pad_multiple is None:
+            object.__setattr__(self, "pad_multiple", max(self.steps))
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        names = tuple(OUTPUT_WIDTHS)
+        names = tuple(OUTPUT_WIDTHS) + (tuple(CASCADE_WIDTHS) if self.arch.cascade else ())
         return names + ("mesh",) if self.mesh_vertices else names
 
     def output_width(self, name: str) -> int:
         if name == "mesh":
             return 3 * self.mesh_vertices
-        return OUTPUT_WIDTHS[name]
+        return {**OUTPUT_WIDTHS, **CASCADE_WIDTHS}[name]
 
     def num_anchors(self, height: int, width: int) -> int:
         """Anchors for an input of height x width (both multiples of `pad_multiple`)."""
@@ -109,14 +134,18 @@ class ModelSpec:
         d.pop("output_names", None)
         a = d.pop("arch")
         sizes = a["min_sizes"]
-        if not isinstance(sizes, (list, tuple)) or len(sizes) != len(STRIDES):
-            raise ValueError(f"min_sizes must list {len(STRIDES)} levels")
+        if not isinstance(sizes, (list, tuple)) or len(sizes) not in (len(STRIDES), len(STRIDES_P2_P6)):
+            raise ValueError(f"min_sizes must list {len(STRIDES)} or {len(STRIDES_P2_P6)} levels")
         min_sizes = tuple(numbers(s, len(s) if isinstance(s, (list, tuple)) and s else -1, int) for s in sizes)
         if not isinstance(a["name"], str) or not isinstance(a["leaky_slope"], (int, float)):
             raise ValueError("arch name/leaky_slope malformed")
-        arch = ArchConfig(a["name"], float(a["leaky_slope"]), min_sizes)
+        steps = numbers(d["steps"], len(min_sizes), int)
+        cascade = a.get("cascade", False)
+        if not isinstance(cascade, bool):
+            raise ValueError("arch cascade must be true or false")
+        arch = ArchConfig(a["name"], float(a["leaky_slope"]), min_sizes, steps, cascade)
         d["mean"], d["std"] = numbers(d["mean"], 3), numbers(d["std"], 3)
-        d["steps"], d["variances"] = numbers(d["steps"], len(STRIDES), int), numbers(d["variances"], 2)
+        d["steps"], d["variances"] = steps, numbers(d["variances"], 2)
         for k in ("fpn_channels", "mesh_vertices", "pad_multiple"):
             if k in d and (not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 0):
                 raise ValueError(f"{k} must be a non-negative integer")

@@ -64,6 +64,13 @@ class MobileNetV1025(nn.Module):
         c5 = self.stage3(c4)
         return c3, c4, c5
 
+    def forward_p2(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Also the stride-4 map (32 ch), for the P2-P6 pyramid."""
+        c2 = self.stage1[:4](x)
+        c3 = self.stage1[4:](c2)
+        c4 = self.stage2(c3)
+        return c2, c3, c4, self.stage3(c4)
+
 
 class FPN(nn.Module):
     def __init__(self, in_channels: tuple[int, int, int], out: int, slope: float):
@@ -83,6 +90,22 @@ class FPN(nn.Module):
         o2 = self.merge2(o2 + F.interpolate(o3, scale_factor=2.0, mode="nearest"))
         o1 = self.merge1(o1 + F.interpolate(o2, scale_factor=2.0, mode="nearest"))
         return o1, o2, o3
+
+
+class FPN5(FPN):
+    """The paper's P2-P6 pyramid: laterals on C2..C5 (P3-P5 keep the 3-level names, so those weights
+    transfer), P6 from C5 by a stride-2 3x3 convolution, top-down merges down to P2."""
+
+    def __init__(self, out: int, slope: float):
+        super().__init__((64, 128, 256), out, slope)
+        self.output0 = conv_bn(32, out, kernel=1, slope=slope)
+        self.merge0 = conv_bn(out, out, slope=slope)
+        self.output4 = conv_bn(256, out, stride=2, slope=slope)
+
+    def forward(self, feats):
+        o1, o2, o3 = super().forward(feats[1:])
+        o0 = self.merge0(self.output0(feats[0]) + F.interpolate(o1, scale_factor=2.0, mode="nearest"))
+        return o0, o1, o2, o3, self.output4(feats[3])
 
 
 class SSH(nn.Module):
@@ -132,25 +155,42 @@ class RetinaFace(nn.Module):
         slope = self.spec.arch.leaky_slope
         ch = self.spec.fpn_channels
         na = self.spec.arch.anchors_per_cell
+        levels = len(self.spec.steps)
+        self.p2p6 = levels == 5
         self.body = MobileNetV1025(slope)
-        self.fpn = FPN((64, 128, 256), ch, slope)
+        self.fpn = FPN5(ch, slope) if self.p2p6 else FPN((64, 128, 256), ch, slope)
         self.ssh1 = SSH(ch, ch, slope)
         self.ssh2 = SSH(ch, ch, slope)
         self.ssh3 = SSH(ch, ch, slope)
-        self.ClassHead = nn.ModuleList(_Head(ch, na, 2) for _ in range(3))
-        self.BboxHead = nn.ModuleList(_Head(ch, na, 4) for _ in range(3))
-        self.LandmarkHead = nn.ModuleList(_Head(ch, na, 10) for _ in range(3))
+        if self.p2p6:
+            self.ssh0 = SSH(ch, ch, slope)
+            self.ssh4 = SSH(ch, ch, slope)
+        self.ClassHead = nn.ModuleList(_Head(ch, na, 2) for _ in range(levels))
+        self.BboxHead = nn.ModuleList(_Head(ch, na, 4) for _ in range(levels))
+        self.LandmarkHead = nn.ModuleList(_Head(ch, na, 10) for _ in range(levels))
+        if self.spec.arch.cascade:  # second stage, regressing from the first stage's boxes
+            self.ClassHead2 = nn.ModuleList(_Head(ch, na, 2) for _ in range(levels))
+            self.BboxHead2 = nn.ModuleList(_Head(ch, na, 4) for _ in range(levels))
+            self.LandmarkHead2 = nn.ModuleList(_Head(ch, na, 10) for _ in range(levels))
         if self.spec.mesh_vertices:
-            self.MeshHead = nn.ModuleList(_Head(ch, na, 3 * self.spec.mesh_vertices) for _ in range(3))
+            self.MeshHead = nn.ModuleList(_Head(ch, na, 3 * self.spec.mesh_vertices) for _ in range(levels))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        p = self.fpn(self.body(x))
-        feats = (self.ssh1(p[0]), self.ssh2(p[1]), self.ssh3(p[2]))
+        if self.p2p6:
+            p = self.fpn(self.body.forward_p2(x))
+            feats = (self.ssh0(p[0]), self.ssh1(p[1]), self.ssh2(p[2]), self.ssh3(p[3]), self.ssh4(p[4]))
+        else:
+            p = self.fpn(self.body(x))
+            feats = (self.ssh1(p[0]), self.ssh2(p[1]), self.ssh3(p[2]))
         out = {
             "loc": torch.cat([h(f) for h, f in zip(self.BboxHead, feats)], dim=1),
             "conf": F.softmax(torch.cat([h(f) for h, f in zip(self.ClassHead, feats)], dim=1), dim=-1),
             "landmarks": torch.cat([h(f) for h, f in zip(self.LandmarkHead, feats)], dim=1),
         }
+        if self.spec.arch.cascade:
+            out["loc2"] = torch.cat([h(f) for h, f in zip(self.BboxHead2, feats)], dim=1)
+            out["conf2"] = F.softmax(torch.cat([h(f) for h, f in zip(self.ClassHead2, feats)], dim=1), dim=-1)
+            out["landmarks2"] = torch.cat([h(f) for h, f in zip(self.LandmarkHead2, feats)], dim=1)
         if self.spec.mesh_vertices:
             out["mesh"] = torch.cat([h(f) for h, f in zip(self.MeshHead, feats)], dim=1)
         return out

@@ -112,6 +112,10 @@ def decode_detections(
     decode, NMS, then at most keep_top_k faces.
     """
     h, w = input_hw
+    if "loc2" in outputs:  # cascade: the second stage is encoded against the first stage's boxes
+        b1 = decode_boxes(outputs["loc"], pri, variances)
+        pri = np.concatenate([(b1[:, :2] + b1[:, 2:]) / 2, b1[:, 2:] - b1[:, :2]], axis=1)
+        outputs = {**outputs, "loc": outputs["loc2"], "conf": outputs["conf2"], "landmarks": outputs["landmarks2"]}
     scores = outputs["conf"][:, 1].astype(np.float32)
     idx = np.nonzero(scores > score_threshold)[0]
     idx = idx[np.argsort(-scores[idx], kind="stable")][:top_k]

@@ -332,3 +332,60 @@ def test_bad_training_input(tmp_path):
         from edge.train.loop import TrainConfig
 
         TrainConfig(out="x", optimizer="rmsprop")
+
+
+@pytest.mark.parametrize("name", ["pytorch_retinaface_p2p6", "pytorch_retinaface_cascade"])
+def test_paper_variants(name, default_model):
+    """The P2-P6 pyramid and the two-stage cascade: contract round trip, output shapes, weight transfer, loss."""
+    from edge.contract import ARCHS, ModelSpec
+    from edge.model import RetinaFace
+    from edge.train.detector import detector_step, init_variant
+
+    arch = ARCHS[name]
+    spec = ModelSpec(arch=arch)
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    model, new = init_variant(default_model[0], arch)
+    src = default_model[0].state_dict()
+    kept = [k for k in model.state_dict() if k not in new]
+    assert all(torch.equal(model.state_dict()[k], src[k]) for k in kept)
+    assert any(k.startswith("body.") for k in kept) and any(k.startswith("ssh1.") for k in kept)
+    x = torch.zeros(2, 3, 128, 128)
+    out = model(x)
+    assert tuple(out) == spec.output_names
+    for k, v in out.items():
+        assert tuple(v.shape) == spec.output_shapes(128, 128, 2)[k]
+    if arch.cascade:
+        assert all(k.startswith(("ClassHead2", "BboxHead2", "LandmarkHead2")) for k in new)
+        torch.testing.assert_close(model.state_dict()["BboxHead2.1.conv1x1.weight"], src["BboxHead.1.conv1x1.weight"])
+    else:
+        assert spec.pad_multiple == 64 and spec.steps == (4, 8, 16, 32, 64)
+        assert any(k.startswith(("ssh0", "ssh4", "fpn.output0", "fpn.output4")) for k in new)
+    pri = torch.from_numpy(priors(128, 128, arch.min_sizes, arch.steps))
+    step = detector_step(pri, LossConfig(), cascade=arch.cascade)
+    t = _targets(torch.tensor([[0.2, 0.2, 0.5, 0.55]]))
+    loss, parts = step(model, (x, [t, t]), torch.device("cpu"))
+    assert torch.isfinite(loss) and parts["positives"] > 0
+    if arch.cascade:
+        assert "cls2" in parts and parts["positives2"] > 0
+
+
+def test_cascade_decode_uses_first_stage_boxes():
+    from edge.anchors import decode_points
+    from edge.postprocess import decode_detections
+
+    pri = priors(64, 64, [[16, 32], [64, 128], [256, 512]], [8, 16, 32])
+    a = len(pri)
+    rng = np.random.default_rng(0)
+    loc, loc2 = rng.normal(0, 0.5, (a, 4)).astype(np.float32), rng.normal(0, 0.5, (a, 4)).astype(np.float32)
+    lm2 = rng.normal(0, 0.5, (a, 10)).astype(np.float32)
+    conf2 = np.zeros((a, 2), np.float32)
+    conf2[:, 0] = 1
+    conf2[7] = (0.1, 0.9)
+    outs = {"loc": loc, "conf": np.full((a, 2), 0.5, np.float32), "landmarks": np.zeros((a, 10), np.float32),
+            "loc2": loc2, "conf2": conf2, "landmarks2": lm2}
+    det = decode_detections(outs, pri, (64, 64), score_threshold=0.5)
+    assert len(det) == 1 and det.scores[0] == pytest.approx(0.9)
+    b1 = decode_boxes(loc[7:8], pri[7:8])
+    p1 = np.concatenate([(b1[:, :2] + b1[:, 2:]) / 2, b1[:, 2:] - b1[:, :2]], axis=1)
+    np.testing.assert_allclose(det.boxes, decode_boxes(loc2[7:8], p1) * 64, rtol=1e-5)
+    np.testing.assert_allclose(det.landmarks, decode_points(lm2[7:8], p1) * 64, rtol=1e-5)

@@ -125,7 +125,8 @@ def train(model: torch.nn.Module, dataset, collate, step_fn: StepFn, cfg: TrainC
           env: DistEnv | None = None) -> list[dict]:
     """Train `model` in place. step_fn(wrapped_model, batch, device) -> (loss, parts dict of floats).
     meta: our checkpoint metadata (arch, kind, ...), saved with every checkpoint.
-    params: the parameters to train (default: all that require grad). Returns the logged rows (this process)."""
+    params: the parameters to train (default: all that require grad), or param groups (dicts) with an
+    optional "lr_scale" multiplying the schedule's learning rate. Returns the logged rows (this process)."""
     from tqdm import tqdm
 
     env = env or dist_env()
@@ -140,10 +141,14 @@ def train(model: torch.nn.Module, dataset, collate, step_fn: StepFn, cfg: TrainC
         print("note: --amp applies to CUDA only; training in float32", file=sys.stderr)
     model.to(env.device)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    params = [p for g in groups for p in g["params"]]
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = max(1, math.ceil(math.ceil(len(dataset) / env.world) / cfg.batch))
     total = cfg.iters if cfg.iters is not None else cfg.epochs * per_epoch
     step = 0
@@ -202,7 +207,7 @@ def train(model: torch.nn.Module, dataset, collate, step_fn: StepFn, cfg: TrainC
                 if step >= total:
                     break
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step, total, cfg)
+                    g["lr"] = lr_at(step, total, cfg) * g["lr_scale"]
                 with torch.autocast(env.device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
                     loss, parts = step_fn(wrapped, batch, env.device)
                 if not torch.isfinite(loss.detach()):

@@ -94,8 +94,10 @@ def multibox_loss(out: dict[str, torch.Tensor], targets: list[dict[str, torch.Te
     var = cfg.variances
     b = out["loc"].shape[0]
     labels, loc_t, lmk_t, lmk_mask = [], [], [], []
+    all_pri = pri
     for i in range(b):
         t = targets[i]
+        pri = all_pri[i] if all_pri.dim() == 3 else all_pri  # per-image anchors (the cascade's second stage)
         lab, idx = match(t["boxes"], pri, cfg)
         labels.append(lab)
         if t["boxes"].numel():
@@ -117,7 +119,7 @@ def multibox_loss(out: dict[str, torch.Tensor], targets: list[dict[str, torch.Te
     with torch.no_grad():
         mining = ce.detach().clone()
         mining[labels != 0] = -1.0  # only background competes
-        n_neg = (pos.sum(1, keepdim=True).clamp(min=1) * cfg.neg_pos).long().clamp(max=pri.shape[0] - 1)
+        n_neg = (pos.sum(1, keepdim=True).clamp(min=1) * cfg.neg_pos).long().clamp(max=labels.shape[1] - 1)
         order = mining.argsort(dim=1, descending=True)
         rank = order.argsort(dim=1)
         neg = (rank < n_neg) & (labels == 0)
@@ -130,3 +132,27 @@ def multibox_loss(out: dict[str, torch.Tensor], targets: list[dict[str, torch.Te
     parts = {"cls": loss_cls.item(), "box": loss_box.item(), "landmarks": loss_lmk.item(),
              "positives": n_pos / b, "negatives": int(neg.sum()) / b}
     return loss, parts
+
+
+# The paper's cascade: the first stage matches anchors at IoU 0.7 / 0.3, the second stage matches the
+# first stage's regressed boxes at 0.5 / 0.4.
+CASCADE_STAGE1 = LossConfig(pos_iou=0.7, neg_iou=0.3)
+CASCADE_STAGE2 = LossConfig(pos_iou=0.5, neg_iou=0.4)
+
+
+def decode(loc: torch.Tensor, pri: torch.Tensor, var) -> torch.Tensor:
+    """(..., A, 4) offsets -> (..., A, 4) boxes (cx, cy, w, h): the form anchors take."""
+    centre = pri[..., :2] + loc[..., :2] * var[0] * pri[..., 2:]
+    size = pri[..., 2:] * torch.exp((loc[..., 2:] * var[1]).clamp(-6, 6))
+    return torch.cat([centre, size], dim=-1)
+
+
+def cascade_loss(out: dict[str, torch.Tensor], targets, pri: torch.Tensor, stage1: LossConfig = CASCADE_STAGE1,
+                 stage2: LossConfig = CASCADE_STAGE2) -> tuple[torch.Tensor, dict]:
+    """Both stages' multi-task losses; the second stage's anchors are the first stage's boxes (no gradient)."""
+    l1, p1 = multibox_loss(out, targets, pri, stage1)
+    with torch.no_grad():
+        pri2 = decode(out["loc"].detach().float(), pri, stage1.variances)
+    second = {"loc": out["loc2"], "conf": out["conf2"], "landmarks": out["landmarks2"]}
+    l2, p2 = multibox_loss(second, targets, pri2, stage2)
+    return l1 + l2, {**p1, **{f"{k}2": v for k, v in p2.items()}}
