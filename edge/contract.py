@@ -69,7 +69,8 @@ class ModelSpec:
       loc (B, A, 4) float32: box offsets, encoded with `variances` against the anchors.
       conf (B, A, 2) float32: softmax probabilities (background, face).
       landmarks (B, A, 10) float32: 5 points (x, y) encoded like box centres.
-      mesh (B, A, 3 * mesh_vertices) when the model has a mesh head.
+      mesh (B, A, 3 * mesh_vertices) when the model has a full mesh head, or (B, A, mesh_rank) with a
+        low-rank head: a per-anchor code that the weights' linear basis decodes (for kept faces only).
     """
 
     arch: ArchConfig = PYTORCH_RETINAFACE
@@ -82,6 +83,7 @@ class ModelSpec:
     variances: tuple[float, float] = (0.1, 0.2)
     fpn_channels: int = 64
     mesh_vertices: int = 0  # 0: no mesh head
+    mesh_rank: int = 0  # 0: 3 * mesh_vertices values per anchor; > 0: a code of this width per anchor
     pad_multiple: int | None = None  # None: the largest stride
 
     def __post_init__(self):
@@ -99,7 +101,7 @@ class ModelSpec:
 
     def output_width(self, name: str) -> int:
         if name == "mesh":
-            return 3 * self.mesh_vertices
+            return self.mesh_rank or 3 * self.mesh_vertices
         return {**OUTPUT_WIDTHS, **CASCADE_WIDTHS}[name]
 
     def num_anchors(self, height: int, width: int) -> int:
@@ -146,7 +148,7 @@ class ModelSpec:
         arch = ArchConfig(a["name"], float(a["leaky_slope"]), min_sizes, steps, cascade)
         d["mean"], d["std"] = numbers(d["mean"], 3), numbers(d["std"], 3)
         d["steps"], d["variances"] = steps, numbers(d["variances"], 2)
-        for k in ("fpn_channels", "mesh_vertices", "pad_multiple"):
+        for k in ("fpn_channels", "mesh_vertices", "mesh_rank", "pad_multiple"):
             if k in d and (not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 0):
                 raise ValueError(f"{k} must be a non-negative integer")
         if d.get("input_size") is not None and (not isinstance(d["input_size"], int) or isinstance(d["input_size"], bool)):

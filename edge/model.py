@@ -173,7 +173,13 @@ class RetinaFace(nn.Module):
             self.BboxHead2 = nn.ModuleList(_Head(ch, na, 4) for _ in range(levels))
             self.LandmarkHead2 = nn.ModuleList(_Head(ch, na, 10) for _ in range(levels))
         if self.spec.mesh_vertices:
-            self.MeshHead = nn.ModuleList(_Head(ch, na, 3 * self.spec.mesh_vertices) for _ in range(levels))
+            self.MeshHead = nn.ModuleList(_Head(ch, na, self.spec.output_width("mesh")) for _ in range(levels))
+            if self.spec.mesh_rank:
+                # the linear decoder of the low-rank code (not part of forward: applied to kept faces only,
+                # in numpy): encoded vertices (3 * V,) = mesh_mean + code @ mesh_basis
+                v3 = 3 * self.spec.mesh_vertices
+                self.mesh_mean = nn.Parameter(torch.zeros(v3))
+                self.mesh_basis = nn.Parameter(torch.zeros(self.spec.mesh_rank, v3))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.p2p6:

@@ -28,10 +28,14 @@ class Pipeline:
     runner: callable (1, 3, H, W) float32 -> {"loc", "conf", "landmarks"[, "mesh"]} numpy arrays.
     """
 
-    def __init__(self, runner: Runner, spec: ModelSpec, post: PostConfig | None = None):
+    def __init__(self, runner: Runner, spec: ModelSpec, post: PostConfig | None = None, mesh_decoder=None):
         self.runner = runner
         self.spec = spec
         self.post = post or PostConfig()
+        # low-rank mesh heads: (mean, basis) from the weights; runners that know them expose `mesh_decoder`
+        self.mesh_decoder = mesh_decoder if mesh_decoder is not None else getattr(runner, "mesh_decoder", None)
+        if spec.mesh_rank and self.mesh_decoder is None:
+            raise ValueError("a low-rank mesh head needs its decoder (mean, basis)")
         self._priors: dict[tuple[int, int], np.ndarray] = {}
 
     def priors_for(self, hw: tuple[int, int]) -> np.ndarray:
@@ -54,6 +58,7 @@ class Pipeline:
             nms_threshold=self.post.nms_threshold,
             top_k=self.post.top_k,
             keep_top_k=self.post.keep_top_k,
+            mesh_decoder=self.mesh_decoder,
         )
         return rescale(det, prep.scale, prep.pad, prep.image_hw)
 

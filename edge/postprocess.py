@@ -105,6 +105,7 @@ def decode_detections(
     nms_threshold: float = 0.4,
     top_k: int = 5000,
     keep_top_k: int = 750,
+    mesh_decoder: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Detections:
     """Raw outputs of one image (each (A, C), batch dim removed) -> Detections in input pixels.
 
@@ -124,8 +125,11 @@ def decode_detections(
     lms = decode_points(outputs["landmarks"][idx], p, variances) * np.array([w, h], np.float32)
     mesh = None
     if "mesh" in outputs:
-        nv = outputs["mesh"].shape[-1] // 3
-        raw = outputs["mesh"][idx].reshape(len(idx), nv, 3).astype(np.float32)
+        raw = outputs["mesh"][idx].astype(np.float32)
+        if mesh_decoder is not None:  # low-rank head: (mean (3V,), basis (K, 3V)) decode the per-anchor code
+            raw = mesh_decoder[0] + raw @ mesh_decoder[1]
+        nv = raw.shape[-1] // 3
+        raw = raw.reshape(len(idx), nv, 3)
         xy = decode_points(raw[..., :2].reshape(len(idx), 2 * nv), p, variances) * np.array([w, h], np.float32)
         # z shares the x scale: offset from the anchor centre's depth 0, in anchor widths
         z = raw[..., 2:] * variances[0] * p[:, None, 2:3] * w

@@ -28,6 +28,9 @@ class TorchRunner:
         self.device = device
         self.model = model.eval().to(device)
         self.name = f"pytorch-fp32-{device}"
+        if getattr(model, "mesh_basis", None) is not None:
+            self.mesh_decoder = (model.mesh_mean.detach().cpu().numpy().astype(np.float32),
+                                 model.mesh_basis.detach().cpu().numpy().astype(np.float32))
 
     def __call__(self, x: np.ndarray) -> Outputs:
         with self.torch.inference_mode():

@@ -372,7 +372,14 @@ def load_weights(
     if saved_arch and arch and arch != saved_arch:
         raise ConfigError(f"{path.name} was written for {saved_arch}, not {arch}")
     cfg = entry.arch if entry else ARCHS[arch or saved_arch or PYTORCH_RETINAFACE.name]
-    model = RetinaFace(ModelSpec(arch=cfg, mesh_vertices=mesh_vertices))
+    mesh_rank = 0
+    saved_mesh = meta.get("mesh")
+    if isinstance(saved_mesh, dict):  # a checkpoint with a trained mesh head (`edge train mesh`)
+        v, r = saved_mesh.get("vertices"), saved_mesh.get("rank", 0)
+        if not isinstance(v, int) or not isinstance(r, int) or v <= 0 or r < 0:
+            raise WeightsError(f"checkpoint {path.name} has a malformed mesh entry {saved_mesh!r}"[:200])
+        mesh_vertices, mesh_rank = v, r
+    model = RetinaFace(ModelSpec(arch=cfg, mesh_vertices=mesh_vertices, mesh_rank=mesh_rank))
     if meta.get("kind") == "pruned":
         from quant.prune import shrink_to
 

@@ -99,7 +99,8 @@ def flip(img, boxes, lmk, width: int):
 
 
 def augment(img, boxes, lmk, has, size: int, rng: np.random.Generator, cfg: AugmentConfig, mean):
-    """-> (size x size BGR float32 image, boxes, landmarks, has) with coordinates in pixels of the output."""
+    """-> (size x size BGR float32 image, boxes, landmarks, has, scale) with coordinates in pixels of the
+    output; `landmarks` may hold any number of points per face; scale: output pixels per input pixel."""
     img, boxes, lmk, has, _ = random_crop(img, boxes, lmk, has, size, rng, cfg)
     if cfg.photometric:
         img = photometric(img, rng)
@@ -108,4 +109,4 @@ def augment(img, boxes, lmk, has, size: int, rng: np.random.Generator, cfg: Augm
         img, boxes, lmk = flip(img, boxes, lmk, img.shape[1])
     scale = size / img.shape[0]
     out = resize_bilinear(img, size, size)
-    return out, boxes * scale, lmk * scale, has
+    return out, boxes * scale, lmk * scale, has, scale

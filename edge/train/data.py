@@ -37,7 +37,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         mean = np.asarray(self.spec.mean, np.float32)
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, self.epoch, i))
-            x, boxes, lmk, has = augment(img, s.boxes, s.landmarks, s.has_landmarks, self.size, rng, self.augment, mean)
+            x, boxes, lmk, has, _ = augment(img, s.boxes, s.landmarks, s.has_landmarks, self.size, rng, self.augment, mean)
         else:  # the inference letterbox: top-left, long side = size
             from edge.preprocess import resize_bilinear
 

@@ -216,7 +216,8 @@ def register(sub) -> None:
     p.add_argument("--no-augment", action="store_true", help="inference letterbox only (over-fitting checks)")
     p.add_argument("--pos-iou", type=float, default=0.35)
     p.add_argument("--neg-iou", type=float, default=0.35)
-    p.add_argument("--neg-pos", type=float, default=3.0, help="hard negatives per positive")
+    p.add_argument("--neg-pos", type=float, default=7.0,
+                   help="hard negatives per positive (7: the recipe the built-in weights were trained with; the paper says 3)")
     p.add_argument("--new-lr-scale", type=float, default=100.0,
                    help="learning-rate multiplier for the tensors a variant (--arch) does not inherit from --weights")
     p.add_argument("--val-labels", default=None, help="labels to evaluate AP on at the end")

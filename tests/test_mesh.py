@@ -1,0 +1,111 @@
+"""The mesh topology, the teacher's crop geometry, the 68-point correspondence and the low-rank head."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edge.mesh import MESH68, MESH_VERTICES, crop_transform, mesh_to_68, roi_for_face, warp_crop
+
+
+def test_topology():
+    from edge.mesh import mesh_edges
+
+    e = mesh_edges()
+    assert e.ndim == 2 and e.shape[1] == 2 and len(e) > 1000
+    assert e.min() >= 0 and e.max() < MESH_VERTICES and (e[:, 0] < e[:, 1]).all()
+    assert len(np.unique(e)) == MESH_VERTICES  # every vertex is on an edge
+    assert len(MESH68) == 68 and MESH68.min() >= 0 and MESH68.max() < MESH_VERTICES
+    m = np.random.default_rng(0).normal(size=(2, MESH_VERTICES, 3))
+    np.testing.assert_array_equal(mesh_to_68(m)[1, 8], m[1, MESH68[8]])
+    with pytest.raises(ValueError):
+        mesh_to_68(m[:, :10])
+
+
+def test_crop_geometry():
+    centre, side = np.array([100.0, 50.0]), 96.0
+    for angle in (0.0, 0.3, -1.2):
+        m = crop_transform(centre, side, angle, 192)
+        np.testing.assert_allclose(m[:, :2] @ [96, 96] + m[:, 2], centre, atol=1e-9)
+        # one crop pixel to the right is half an image pixel along the rotated x axis
+        d = (m[:, :2] @ [97, 96] + m[:, 2]) - centre
+        np.testing.assert_allclose(d, 0.5 * np.array([math.cos(angle), math.sin(angle)]), atol=1e-9)
+    # an unrotated crop at scale 1 reproduces the image
+    img = np.random.default_rng(0).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    m = crop_transform(np.array([32.0, 32.0]), 32.0, 0.0, 32)
+    np.testing.assert_allclose(warp_crop(img, m, 32), img[16:48, 16:48].astype(np.float32), atol=1e-4)
+    # eye points swapped (a profile): the crop is not turned upside down
+    _, _, a = roi_for_face(np.array([0, 0, 10, 10.0]), np.array([[8, 5], [2, 5.2], [5, 6], [3, 8], [7, 8.0]]))
+    assert -math.pi / 2 < a <= math.pi / 2
+
+
+@pytest.mark.shared
+def test_teacher_on_a_frontal_face(shared):
+    """The teacher's mesh68 on a frontal AFLW2000-3D face is within 6 % NME of the ground truth."""
+    from edge.eval_aflw import load_labels, nme_per_face
+    from edge.image_io import load_image
+    from edge.mesh import MeshTeacher
+    from edge.pipeline import Pipeline
+    from edge.runners import TorchRunner
+    from edge.weights import load_weights
+
+    lab = load_labels(shared / "aflw2000_3d")
+    model, _ = load_weights("default")
+    pipe = Pipeline(TorchRunner(model), model.spec.with_input_size(None))
+    img = load_image(shared / "aflw2000_3d/images" / f"{lab['names'][5]}.jpg")
+    det = pipe(img)
+    j = int(np.argmax(det.scores))
+    mesh, flag = MeshTeacher()(img, det.boxes[j], det.landmarks[j])
+    assert mesh.shape == (MESH_VERTICES, 3) and flag > 0.9
+    assert nme_per_face(mesh_to_68(mesh)[:, :2].astype(np.float64), lab["pts"][5], 68) < 0.06
+    # a wrong correspondence (a shifted index list) is far worse
+    assert nme_per_face(mesh[np.roll(MESH68, 5), :2].astype(np.float64), lab["pts"][5], 68) > 0.1
+
+
+def test_low_rank_head_decode_and_checkpoint(tmp_path):
+    from edge.anchors import decode_points, priors
+    from edge.contract import ModelSpec
+    from edge.model import RetinaFace
+    from edge.postprocess import decode_detections
+    from edge.runners import TorchRunner
+    from edge.weights import load_weights
+
+    spec = ModelSpec(mesh_vertices=MESH_VERTICES, mesh_rank=16, input_size=64)
+    model = RetinaFace(spec).eval()
+    with torch.no_grad():
+        model.mesh_mean.normal_()
+        model.mesh_basis.normal_()
+    out = model(torch.zeros(1, 3, 64, 64))
+    assert out["mesh"].shape[-1] == 16
+    runner = TorchRunner(model)
+    mean, basis = runner.mesh_decoder
+    a = out["mesh"].shape[1]
+    pri = priors(64, 64, spec.arch.min_sizes, spec.steps)
+    conf = np.zeros((a, 2), np.float32)
+    conf[:, 0] = 1
+    conf[3] = (0, 1)
+    o = {"loc": np.zeros((a, 4), np.float32), "conf": conf, "landmarks": np.zeros((a, 10), np.float32),
+         "mesh": out["mesh"][0].detach().numpy()}
+    det = decode_detections(o, pri, (64, 64), mesh_decoder=(mean, basis))
+    raw = (mean + o["mesh"][3] @ basis).reshape(MESH_VERTICES, 3)
+    np.testing.assert_allclose(det.mesh[0, :, :2], decode_points(raw[:, :2].reshape(1, -1), pri[3:4])[0] * 64, rtol=1e-4, atol=1e-4)
+    # the checkpoint says what head it has; load_weights rebuilds it
+    torch.save({"state_dict": model.state_dict(), "retinaface_edge": {"format": 1, "kind": "mesh", "arch": spec.arch.name,
+                                                                      "mesh": {"vertices": MESH_VERTICES, "rank": 16}}},
+               tmp_path / "m.pth")
+    m2, _ = load_weights(tmp_path / "m.pth")
+    assert m2.spec.mesh_rank == 16 and torch.equal(m2.mesh_basis, model.mesh_basis)
+
+
+def test_mesh_loss():
+    from edge.train.mesh import mesh_loss
+
+    edges = torch.tensor([[0, 1], [1, 2], [0, 2]])
+    t = torch.randn(4, 9)
+    loss, parts = mesh_loss(t.clone(), t, edges, 1.0)
+    assert loss.item() == 0.0
+    shifted, _ = mesh_loss(t + 1.0, t, edges, 1.0)  # a translation: vertex term only
+    scaled, p2 = mesh_loss(t * 2, t, edges, 1.0)
+    assert p2["edge"] > 0 and shifted.item() == pytest.approx(1.0, abs=1e-6)
