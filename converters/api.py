@@ -121,6 +121,11 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     out = Path(out) if out else default_out(target, precision, input_size)
     t0 = time.perf_counter()
     model, info = load_weights(weights, arch=arch)
+    if model.spec.mesh_rank:
+        # not finished: the bundle does not carry the mesh basis yet, so its mesh could not be decoded
+        raise ConfigError(f"{info.name} has a low-rank mesh head; bundles with the mesh output are not supported yet")
+    if input_size % model.spec.pad_multiple:
+        raise ConfigError(f"{info.arch.name} needs an input size that is a multiple of {model.spec.pad_multiple}, got {input_size}")
     spec = model.spec.with_input_size(input_size)
     model.spec = spec
     cs = None
