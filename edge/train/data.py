@@ -14,7 +14,33 @@ from edge.train.augment import AugmentConfig, augment
 from edge.train.labels import LabelError, Sample
 
 
-class DetectionDataset(torch.utils.data.Dataset):
+def letterbox(img: np.ndarray, size: int, mean) -> tuple[np.ndarray, float]:
+    """The inference letterbox (top-left, long side = size, mean-colour padding) -> (float32 image, scale)."""
+    from edge.preprocess import resize_bilinear
+
+    h, w = img.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    x = np.empty((size, size, 3), np.float32)
+    x[:] = mean
+    x[:nh, :nw] = resize_bilinear(img, nh, nw)
+    return x, scale
+
+
+class EpochDataset(torch.utils.data.Dataset):
+    """`samples` plus the epoch that seeds the augmentation (set by the training loop)."""
+
+    samples: list
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class DetectionDataset(EpochDataset):
     def __init__(self, samples: list[Sample], root: str | Path, spec: ModelSpec, size: int, *,
                  augment: AugmentConfig | None = AugmentConfig(), seed: int = 0):
         if size % spec.pad_multiple:
@@ -25,12 +51,6 @@ class DetectionDataset(torch.utils.data.Dataset):
         if missing:
             raise LabelError(f"{len(missing)} labelled images are not under {self.root}, e.g. {missing[0]}")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def __getitem__(self, i: int):
         s = self.samples[i]
         img = load_image(self.root / s.path)
@@ -38,15 +58,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, self.epoch, i))
             x, boxes, lmk, has, _ = augment(img, s.boxes, s.landmarks, s.has_landmarks, self.size, rng, self.augment, mean)
-        else:  # the inference letterbox: top-left, long side = size
-            from edge.preprocess import resize_bilinear
-
-            h, w = img.shape[:2]
-            scale = self.size / max(h, w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            x = np.empty((self.size, self.size, 3), np.float32)
-            x[:] = mean
-            x[:nh, :nw] = resize_bilinear(img, nh, nw)
+        else:
+            x, scale = letterbox(img, self.size, mean)
             boxes, lmk, has = s.boxes * scale, s.landmarks * scale, s.has_landmarks
         x = (x - mean) / np.asarray(self.spec.std, np.float32)
         t = {"boxes": torch.from_numpy(np.ascontiguousarray(boxes / self.size, np.float32)).reshape(-1, 4),

@@ -22,6 +22,7 @@ import torch
 
 from edge.errors import ConfigError
 from edge.mesh import MESH_VERTICES
+from edge.train.data import EpochDataset
 
 
 @dataclass
@@ -78,7 +79,8 @@ def save_labels(samples: list[MeshSample], path: Path, meta: dict) -> None:
 
 def load_labels(path: Path) -> list[MeshSample]:
     try:
-        d = np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as z:  # each z[key] decompresses the array: read each once
+            d = {k: z[k] for k in ("paths", "counts", "boxes", "landmarks", "meshes")}
         ends = np.cumsum(d["counts"])
         starts = ends - d["counts"]
         return [MeshSample(str(p), d["boxes"][a:b], d["landmarks"][a:b], d["meshes"][a:b])
@@ -87,7 +89,7 @@ def load_labels(path: Path) -> list[MeshSample]:
         raise ConfigError(f"cannot read mesh labels {path}: {str(e).splitlines()[0][:120]}") from None
 
 
-class MeshDataset(torch.utils.data.Dataset):
+class MeshDataset(EpochDataset):
     """(3, S, S) network input and targets: boxes (N, 4) and meshes (N, 468, 3) normalised by S."""
 
     def __init__(self, samples: list[MeshSample], root: Path, spec, size: int, seed: int = 0, augment: bool = True):
@@ -97,16 +99,10 @@ class MeshDataset(torch.utils.data.Dataset):
         # no flips: mirroring the mesh would need the topology's left/right vertex pairs
         self.cfg = AugmentConfig(flip=0.0) if augment else None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def __getitem__(self, i: int):
         from edge.image_io import load_image
-        from edge.preprocess import resize_bilinear
         from edge.train.augment import augment
+        from edge.train.data import letterbox
 
         s = self.samples[i]
         img = load_image(self.root / s.path)
@@ -119,12 +115,7 @@ class MeshDataset(torch.utils.data.Dataset):
             x, boxes, pts_out, keep_has, scale = augment(img, s.boxes, pts, np.arange(len(s)), self.size, rng, self.cfg, mean)
             z = z[keep_has] * scale
         else:
-            h, w = img.shape[:2]
-            scale = self.size / max(h, w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            x = np.empty((self.size, self.size, 3), np.float32)
-            x[:] = mean
-            x[:nh, :nw] = resize_bilinear(img, nh, nw)
+            x, scale = letterbox(img, self.size, mean)
             boxes, pts_out, z = s.boxes * scale, pts * scale, z * scale
         meshes = np.concatenate([pts_out[:, 5:], z[..., None]], axis=-1) / self.size
         x = (x - mean) / np.asarray(self.spec.std, np.float32)
