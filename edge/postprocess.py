@@ -42,6 +42,10 @@ class Detections:
             }
             if self.mesh is not None:
                 f["mesh"] = [[round(float(v), 2) for v in p] for p in self.mesh[i]]
+                if self.mesh.shape[1] == 468:
+                    from edge.mesh import MESH68
+
+                    f["mesh68"] = [[round(float(v), 2) for v in p] for p in self.mesh[i][MESH68]]
             faces.append(f)
         return faces
 

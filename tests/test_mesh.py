@@ -141,3 +141,18 @@ def test_train_mesh_end_to_end(shared, tmp_path):
     with pytest.raises(ConfigError, match="mesh"):
         convert("onnx", weights=str(out / "final.pth"), out=tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_json_and_drawing_carry_the_mesh():
+    from edge.draw import draw_detections
+    from edge.postprocess import Detections
+
+    rng = np.random.default_rng(0)
+    mesh = rng.uniform(10, 50, (1, MESH_VERTICES, 3)).astype(np.float32)
+    det = Detections(np.array([[10, 10, 50, 50]], np.float32), np.array([0.9], np.float32),
+                     rng.uniform(10, 50, (1, 5, 2)).astype(np.float32), mesh)
+    face = det.to_json()[0]
+    assert len(face["mesh"]) == MESH_VERTICES and len(face["mesh68"]) == 68
+    np.testing.assert_allclose(face["mesh68"], mesh[0, MESH68], atol=0.01)
+    img = draw_detections(np.zeros((64, 64, 3), np.uint8), [(det, (0, 255, 0))], scores=False)
+    assert np.asarray(img)[..., 1].astype(bool).sum() > 200  # mesh edges drawn, not just points
