@@ -134,6 +134,24 @@ def test_train_mesh_end_to_end(shared, tmp_path):
     assert summary["steps"] == 3 and summary["pca"]["explained_variance"] > 0.5
     model, _ = load_weights(out / "final.pth")
     assert model.spec.mesh_rank == 8 and model.spec.mesh_vertices == MESH_VERTICES
+    # the detector trainer adds the mesh loss where faces have a mesh pseudo-label (joint training)
+    from edge.train.labels import read_labels
+
+    wanted = {f"12--Group/{p.name}": p.name for p in src}
+    lines = []
+    for smp in read_labels(shared / "widerface/val/label_bbx_gt.txt"):
+        if smp.path in wanted:
+            lines += [wanted[smp.path], str(len(smp))] + [f"{b[0]} {b[1]} {b[2] - b[0]} {b[3] - b[1]} 0 0 0 0 0 0" for b in smp.boxes]
+    (tmp_path / "bbx.txt").write_text("\n".join(lines) + "\n")
+    joint = tmp_path / "joint"
+    assert main(["train", "detector", "--data", str(images), "--labels", str(tmp_path / "bbx.txt"), "--weights",
+                 str(out / "final.pth"), "--mesh-labels", str(out / "pseudo_labels.npz"), "--size", "320", "--iters", "4",
+                 "--batch", "5", "--out", str(joint), "--quiet"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(joint / "log.csv")))
+    assert any(float(r["mesh_vertex"]) > 0 for r in rows)
+    assert load_weights(joint / "final.pth")[0].spec.mesh_rank == 8
     # bundles cannot carry the low-rank mesh yet: refused before any work, not a half-written bundle
     from edge.errors import ConfigError
     from converters.api import convert

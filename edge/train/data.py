@@ -42,7 +42,15 @@ class EpochDataset(torch.utils.data.Dataset):
 
 class DetectionDataset(EpochDataset):
     def __init__(self, samples: list[Sample], root: str | Path, spec: ModelSpec, size: int, *,
-                 augment: AugmentConfig | None = AugmentConfig(), seed: int = 0):
+                 augment: AugmentConfig | None = AugmentConfig(), seed: int = 0, meshes: dict | None = None):
+        """meshes: image path -> (boxes (M, 4), meshes (M, 468, 3)) pseudo-labels in image pixels; each labelled
+        face takes the mesh whose box overlaps it at IoU > 0.5 (targets gain "meshes" and "has_mesh").
+        Flips are off with meshes (mirroring a mesh needs its left/right vertex pairs)."""
+        if meshes is not None and augment is not None:
+            import dataclasses
+
+            augment = dataclasses.replace(augment, flip=0.0)
+        self.meshes = meshes
         if size % spec.pad_multiple:
             raise ValueError(f"training size {size} is not a multiple of {spec.pad_multiple}")
         self.samples, self.root, self.spec, self.size = samples, Path(root), spec, size
@@ -51,21 +59,47 @@ class DetectionDataset(EpochDataset):
         if missing:
             raise LabelError(f"{len(missing)} labelled images are not under {self.root}, e.g. {missing[0]}")
 
+    def _mesh_for(self, s: Sample):
+        return _mesh_for_sample(s, self.meshes.get(s.path))
+
     def __getitem__(self, i: int):
         s = self.samples[i]
         img = load_image(self.root / s.path)
         mean = np.asarray(self.spec.mean, np.float32)
+        pts, z, has_mesh = s.landmarks, None, None
+        if self.meshes is not None:  # mesh vertices ride along as extra points; z is only scaled
+            mesh, has_mesh = self._mesh_for(s)
+            pts, z = np.concatenate([s.landmarks, mesh[..., :2]], axis=1), mesh[..., 2]
+        index = np.arange(len(s))
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, self.epoch, i))
-            x, boxes, lmk, has, _ = augment(img, s.boxes, s.landmarks, s.has_landmarks, self.size, rng, self.augment, mean)
+            x, boxes, pts, index, scale = augment(img, s.boxes, pts, index, self.size, rng, self.augment, mean)
         else:
             x, scale = letterbox(img, self.size, mean)
-            boxes, lmk, has = s.boxes * scale, s.landmarks * scale, s.has_landmarks
+            boxes, pts = s.boxes * scale, pts * scale
         x = (x - mean) / np.asarray(self.spec.std, np.float32)
         t = {"boxes": torch.from_numpy(np.ascontiguousarray(boxes / self.size, np.float32)).reshape(-1, 4),
-             "landmarks": torch.from_numpy(np.ascontiguousarray(lmk / self.size, np.float32)).reshape(-1, 10),
-             "has_landmarks": torch.from_numpy(np.asarray(has, bool))}
+             "landmarks": torch.from_numpy(np.ascontiguousarray(pts[:, :5] / self.size, np.float32)).reshape(-1, 10),
+             "has_landmarks": torch.from_numpy(np.asarray(s.has_landmarks[index], bool))}
+        if z is not None:
+            m = np.concatenate([pts[:, 5:], z[index][..., None] * scale], axis=-1) / self.size
+            t["meshes"] = torch.from_numpy(np.ascontiguousarray(m, np.float32)).reshape(-1, 468, 3)
+            t["has_mesh"] = torch.from_numpy(has_mesh[index])
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), t
+
+
+def _mesh_for_sample(sample: Sample, entry) -> tuple[np.ndarray, np.ndarray]:
+    from edge.postprocess import box_iou
+
+    n = len(sample)
+    out, has = np.zeros((n, 468, 3), np.float32), np.zeros(n, bool)
+    if entry is None or n == 0 or not len(entry[0]):
+        return out, has
+    iou = box_iou(sample.boxes.astype(np.float64), np.asarray(entry[0], np.float64))
+    best = iou.argmax(axis=1)
+    has = iou[np.arange(n), best] > 0.5
+    out[has] = np.asarray(entry[1], np.float32)[best[has]]
+    return out, has
 
 
 def collate(batch):

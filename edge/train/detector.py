@@ -67,14 +67,39 @@ def init_variant(source, arch) -> tuple[torch.nn.Module, set[str]]:
     return model, set(state) - taken
 
 
-def detector_step(pri: torch.Tensor, loss_cfg, cascade: bool = False):
-    from edge.train.multibox import cascade_loss, multibox_loss
+def detector_step(pri: torch.Tensor, loss_cfg, cascade: bool = False, mesh_weight: float = 1.0, edge_weight: float = 1.0):
+    """The multi-task loss; with mesh pseudo-labels in the targets and a mesh head, plus `mesh_weight` x the mesh
+    loss (L1 vertices + `edge_weight` x L1 edge lengths) on positive anchors of faces that have a mesh."""
+    from edge.train.multibox import cascade_loss, match, multibox_loss
 
     def step(model, batch, device):
         x, targets = batch
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         out = model(x.to(device))
-        return cascade_loss(out, targets, pri.to(device)) if cascade else multibox_loss(out, targets, pri.to(device), loss_cfg)
+        p = pri.to(device)
+        loss, parts = cascade_loss(out, targets, p) if cascade else multibox_loss(out, targets, p, loss_cfg)
+        if "mesh" in out and any("meshes" in t for t in targets):
+            from edge.mesh import mesh_edges
+            from edge.train.mesh import encode_mesh, mesh_loss
+
+            core = model.module if hasattr(model, "module") else model
+            codes, tgts = [], []
+            for i, t in enumerate(targets):
+                if "meshes" not in t or not t["has_mesh"].any():
+                    continue
+                lab, idx = match(t["boxes"], p, loss_cfg)
+                sel = (lab == 1) & t["has_mesh"][idx]
+                if sel.any():
+                    codes.append(out["mesh"][i][sel])
+                    tgts.append(encode_mesh(t["meshes"][idx[sel]], p[sel], loss_cfg.variances))
+            if codes:
+                pred = core.mesh_mean + torch.cat(codes) @ core.mesh_basis
+                lm, mp = mesh_loss(pred, torch.cat(tgts), torch.from_numpy(mesh_edges()).to(device), edge_weight)
+                loss = loss + mesh_weight * lm
+                parts = {**parts, "mesh_vertex": mp["vertex"], "mesh_edge": mp["edge"]}
+            else:
+                parts = {**parts, "mesh_vertex": 0.0, "mesh_edge": 0.0}
+        return loss, parts
 
     return step
 
@@ -131,8 +156,15 @@ def cmd_train_detector(args) -> int:
     if args.reinit_heads:
         reinit_heads(model)
     model.spec = model.spec.with_input_size(args.size)
+    meshes = None
+    if args.mesh_labels:
+        if not model.spec.mesh_vertices or not model.spec.mesh_rank:
+            raise ConfigError("--mesh-labels needs weights with a low-rank mesh head (from `edge train mesh`)")
+        from edge.train.mesh import load_labels as load_mesh_labels
+
+        meshes = {m.path: (m.boxes, m.meshes) for m in load_mesh_labels(Path(args.mesh_labels))}
     dataset = DetectionDataset(samples, root, model.spec, args.size, augment=None if args.no_augment else AugmentConfig(),
-                               seed=args.seed)
+                               seed=args.seed, meshes=meshes)
     cfg = TrainConfig(out=args.out, epochs=args.epochs, iters=args.iters, batch=args.batch, lr=lr,
                       optimizer=optimizer, weight_decay=weight_decay, warmup=args.warmup, workers=args.workers,
                       seed=args.seed, save_every=args.save_every,
@@ -152,7 +184,10 @@ def cmd_train_detector(args) -> int:
         named = dict(model.named_parameters())
         groups = [{"params": [p for n, p in named.items() if n not in new_params]},
                   {"params": [p for n, p in named.items() if n in new_params], "lr_scale": args.new_lr_scale}]
-    rows = train(model, dataset, collate, detector_step(pri, loss_cfg, arch.cascade), cfg, meta=meta, resume=resume,
+    if model.spec.mesh_rank:  # the checkpoint keeps its mesh head
+        meta["mesh"] = {"vertices": model.spec.mesh_vertices, "rank": model.spec.mesh_rank}
+    rows = train(model, dataset, collate, detector_step(pri, loss_cfg, arch.cascade, args.mesh_weight), cfg, meta=meta,
+                 resume=resume,
                  env=env, params=groups)
     params = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     checksum = float(sum(v.double().sum() for v in params.values() if v.is_floating_point()))
@@ -220,6 +255,9 @@ def register(sub) -> None:
                    help="hard negatives per positive (7: the recipe the built-in weights were trained with; the paper says 3)")
     p.add_argument("--new-lr-scale", type=float, default=100.0,
                    help="learning-rate multiplier for the tensors a variant (--arch) does not inherit from --weights")
+    p.add_argument("--mesh-labels", default=None,
+                   help="mesh pseudo-labels (.npz from `edge train mesh`): adds the mesh loss (weights need a mesh head)")
+    p.add_argument("--mesh-weight", type=float, default=1.0, help="weight of the mesh loss")
     p.add_argument("--val-labels", default=None, help="labels to evaluate AP on at the end")
     p.add_argument("--val-data", default=None, help="image root of --val-labels (default: --data)")
     add_train_args(p)
