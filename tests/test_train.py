@@ -304,6 +304,7 @@ def test_ddp_two_cpu_processes(shared, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "edge.cli", "train", "detector", "--data", str(shared / "widerface/val/images"),
                         "--labels", str(labels), "--size", "160", "--iters", "6", "--batch", "2", "--threads", "1",
+                        "--lr", "1e-3", "--warmup", "1",
                         "--out", str(out), "--quiet"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
