@@ -70,7 +70,7 @@ def init_variant(source, arch) -> tuple[torch.nn.Module, set[str]]:
 def detector_step(pri: torch.Tensor, loss_cfg, cascade: bool = False, mesh_weight: float = 1.0, edge_weight: float = 1.0):
     """The multi-task loss; with mesh pseudo-labels in the targets and a mesh head, plus `mesh_weight` x the mesh
     loss (L1 vertices + `edge_weight` x L1 edge lengths) on positive anchors of faces that have a mesh."""
-    from edge.train.multibox import cascade_loss, match, multibox_loss
+    from edge.train.multibox import cascade_loss, multibox_loss
 
     def step(model, batch, device):
         x, targets = batch
@@ -80,21 +80,13 @@ def detector_step(pri: torch.Tensor, loss_cfg, cascade: bool = False, mesh_weigh
         loss, parts = cascade_loss(out, targets, p) if cascade else multibox_loss(out, targets, p, loss_cfg)
         if "mesh" in out and any("meshes" in t for t in targets):
             from edge.mesh import mesh_edges
-            from edge.train.mesh import encode_mesh, mesh_loss
+            from edge.train.mesh import matched_targets, mesh_loss
 
             core = model.module if hasattr(model, "module") else model
-            codes, tgts = [], []
-            for i, t in enumerate(targets):
-                if "meshes" not in t or not t["has_mesh"].any():
-                    continue
-                lab, idx = match(t["boxes"], p, loss_cfg)
-                sel = (lab == 1) & t["has_mesh"][idx]
-                if sel.any():
-                    codes.append(out["mesh"][i][sel])
-                    tgts.append(encode_mesh(t["meshes"][idx[sel]], p[sel], loss_cfg.variances))
-            if codes:
-                pred = core.mesh_mean + torch.cat(codes) @ core.mesh_basis
-                lm, mp = mesh_loss(pred, torch.cat(tgts), torch.from_numpy(mesh_edges()).to(device), edge_weight)
+            codes, tgts = matched_targets(out["mesh"], targets, p, loss_cfg.variances, loss_cfg)
+            if codes is not None:
+                pred = core.mesh_mean + codes @ core.mesh_basis
+                lm, mp = mesh_loss(pred, tgts, torch.from_numpy(mesh_edges()).to(device), edge_weight)
                 loss = loss + mesh_weight * lm
                 parts = {**parts, "mesh_vertex": mp["vertex"], "mesh_edge": mp["edge"]}
             else:

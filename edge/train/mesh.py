@@ -132,15 +132,18 @@ def encode_mesh(meshes: torch.Tensor, pri: torch.Tensor, var) -> torch.Tensor:
 
 
 def matched_targets(out_mesh: torch.Tensor, targets, pri: torch.Tensor, var, cfg):
-    """Codes of positive anchors (P, K) and their encoded target meshes (P, 3V)."""
+    """Codes of positive anchors (P, K) and their encoded target meshes (P, 3V). Targets without "meshes" are
+    skipped; with "has_mesh" (N,) bool, only anchors of faces that have a mesh count."""
     from edge.train.multibox import match
 
     codes, tgts = [], []
     for i, t in enumerate(targets):
-        if t["boxes"].numel() == 0:
+        if t["boxes"].numel() == 0 or "meshes" not in t:
             continue
         lab, idx = match(t["boxes"], pri, cfg)
         pos = lab == 1
+        if "has_mesh" in t:
+            pos &= t["has_mesh"][idx]
         if pos.any():
             codes.append(out_mesh[i][pos])
             tgts.append(encode_mesh(t["meshes"][idx[pos]], pri[pos], var))
