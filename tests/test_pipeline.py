@@ -29,13 +29,15 @@ def test_decode_and_nms_agree_with_torch_reference(default_model, group_image, s
         one = {k: v[0] for k, v in raw.items()}
         from edge.postprocess import decode_detections
 
-        ours = decode_detections(one, pipe.priors_for(prep.input_hw), prep.input_hw, score_threshold=score, nms_threshold=0.4)
+        ours = decode_detections(one, pipe.priors_for(prep.input_hw), prep.input_hw, score_threshold=score, nms_threshold=0.4,
+                                 mesh_decoder=pipe.mesh_decoder)
         rb, rs, rl = ref.detect(one, model.spec.arch.min_sizes, model.spec.steps, model.spec.variances, prep.input_hw, score, 0.4)
         assert len(ours) == len(rb) > 50
         np.testing.assert_array_equal(ours.scores, rs)
         # 1e-4 px, widened by 2 float32 ulps: above 1024 px one ulp is already 1.2e-4
         np.testing.assert_allclose(ours.boxes, rb, atol=1e-4, rtol=2.5e-7)
         np.testing.assert_allclose(ours.landmarks, rl, atol=1e-4, rtol=2.5e-7)
+        assert ours.mesh.shape == (len(rb), 468, 3)
 
 
 def test_group_counts_against_independent_measurements(default_model, shared_model, group_image):

@@ -32,7 +32,30 @@ def test_default_matches_embedded_onnx_on_real_images(default_model, shared):
 
 def test_registry_param_counts(default_model, shared_model):
     for (model, info) in (default_model, shared_model):
-        assert count_params(model) == REGISTRY[info.name].params
+        entry = REGISTRY[info.name]
+        mesh = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("MeshHead.", "mesh_")))
+        assert count_params(model) - mesh == entry.params
+        assert mesh == (entry.mesh.params if entry.mesh else 0)
+
+
+def test_default_mesh_head_is_checked(tmp_path, monkeypatch):
+    """The shipped mesh head loads by SHA-256 only; load_weights(mesh=False) gives the detector alone."""
+    import dataclasses
+
+    from edge.errors import WeightsError
+    from edge.weights import load_weights, read_mesh_head
+
+    entry = REGISTRY["default"].mesh
+    assert entry is not None and entry.path.stat().st_size < 300_000
+    heads = read_mesh_head(entry)
+    assert heads["mesh_basis"].shape == (entry.rank, 3 * entry.vertices)
+    detector, info = load_weights("default", mesh=False)
+    assert detector.spec.output_names == ("loc", "conf", "landmarks") and info.mesh_sha256 is None
+    bad = tmp_path / entry.file
+    bad.write_bytes(entry.path.read_bytes()[:-10])
+    monkeypatch.setattr(type(entry), "path", property(lambda self: bad))
+    with pytest.raises(WeightsError, match="SHA-256"):
+        read_mesh_head(dataclasses.replace(entry))
 
 
 def test_shared_checkpoint_recognised_by_sha(shared_model):

@@ -22,6 +22,8 @@ import torch
 
 from edge.errors import ConfigError
 from edge.mesh import MESH_VERTICES
+
+MESH_KEYS = ("MeshHead.", "mesh_mean", "mesh_basis")  # state_dict names of the mesh head
 from edge.train.data import EpochDataset
 
 
@@ -201,9 +203,22 @@ def with_mesh_head(detector, rank: int):
 
     spec = dataclasses.replace(detector.spec, mesh_vertices=MESH_VERTICES, mesh_rank=rank)
     model = RetinaFace(spec)
-    missing = model.load_state_dict(detector.state_dict(), strict=False).missing_keys
-    assert all(k.startswith(("MeshHead", "mesh_")) for k in missing), missing
+    state = {k: v for k, v in detector.state_dict().items() if not k.startswith(MESH_KEYS)}  # a previous mesh head goes
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    assert all(k.startswith(MESH_KEYS) for k in missing), missing
     return model
+
+
+def save_mesh_head(model, path: Path) -> str:
+    """Write the mesh head's tensors (MeshHead.*, mesh_mean, mesh_basis) as a float16 .npz, the form the
+    weights registry ships; -> its SHA-256."""
+    from edge.atomic import atomic_file
+    from edge.weights import sha256_file
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **{k: v.detach().cpu().numpy().astype(np.float16)
+                                  for k, v in model.state_dict().items() if k.startswith(MESH_KEYS)})
+    return sha256_file(path)
 
 
 def cmd_train_mesh(args) -> int:
@@ -221,7 +236,7 @@ def cmd_train_mesh(args) -> int:
         raise ConfigError(f"--rank must be in 1..{3 * MESH_VERTICES}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    detector, info = load_weights(args.weights)
+    detector, info = load_weights(args.weights, mesh=False)
     out = Path(args.out)
     cache = Path(args.labels) if args.labels else out / "pseudo_labels.npz"
     if cache.exists():
@@ -281,6 +296,7 @@ def cmd_train_mesh(args) -> int:
     val_nme = mesh_nme_on(model, val, root, args.size)
     summary = {"steps": rows[-1]["step"] if rows else None, "pca": pca, "val": val_nme,
                "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None}
+    summary["mesh_head"] = {"file": "mesh_head.npz", "sha256": save_mesh_head(model.cpu(), out / "mesh_head.npz")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"mesh head rank {args.rank}: PCA keeps {100 * pca['explained_variance']:.1f} % of the variance; "
           f"held-out NME vs the teacher {100 * val_nme['nme']:.2f} % on {val_nme['faces']} faces")

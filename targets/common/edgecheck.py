@@ -59,6 +59,17 @@ def load_bundle(folder: str | Path) -> tuple[Path, dict, dict]:
     return folder, meta, golden
 
 
+def mesh_decoder_of(folder: Path, meta: dict):
+    """(mean, basis) for a bundle whose model has a low-rank mesh head (mesh_decoder.npz), else None."""
+    if not meta["spec"].get("mesh_rank"):
+        return None
+    name = meta.get("mesh_decoder")
+    if name not in meta["files"]:
+        raise BundleCheckError(f"{folder.name}: a low-rank mesh head but no mesh decoder file")
+    with np.load(folder / name, allow_pickle=False) as z:
+        return z["mean"].astype(np.float32), z["basis"].astype(np.float32)
+
+
 # --- decoding, as edge.anchors / edge.postprocess -------------------------------------------------
 
 def priors(height, width, min_sizes, steps):
@@ -98,8 +109,10 @@ def nms(boxes, scores, thr, max_keep):
     return np.asarray(keep, dtype=np.int64)
 
 
-def detect(outputs, pri, hw, variances, score_thr=0.5, nms_thr=0.4, top_k=5000, keep_top_k=750):
-    """Raw outputs of one image (A, C) -> boxes (N, 4), scores (N,), landmarks (N, 5, 2) in input pixels."""
+def detect(outputs, pri, hw, variances, score_thr=0.5, nms_thr=0.4, top_k=5000, keep_top_k=750, mesh_decoder=None):
+    """Raw outputs of one image (A, C) -> boxes (N, 4), scores (N,), landmarks (N, 5, 2) in input pixels,
+    and the mesh (N, V, 3) of the kept faces when the model has one (else None); a low-rank mesh head's
+    per-anchor code is decoded by mesh_decoder = (mean (3V,), basis (K, 3V))."""
     h, w = hw
     scores = outputs["conf"][:, 1].astype(np.float32)
     idx = np.nonzero(scores > score_thr)[0]
@@ -112,7 +125,15 @@ def detect(outputs, pri, hw, variances, score_thr=0.5, nms_thr=0.4, top_k=5000, 
     lm = outputs["landmarks"][idx].astype(np.float32).reshape(len(idx), outputs["landmarks"].shape[-1] // 2, 2)
     lms = (p[:, None, :2] + lm * variances[0] * p[:, None, 2:]) * np.array([w, h], np.float32)
     keep = nms(boxes, scores[idx], nms_thr, keep_top_k)
-    return boxes[keep], scores[idx][keep], lms[keep]
+    mesh = None
+    if "mesh" in outputs:
+        p, raw = p[keep], outputs["mesh"][idx[keep]].astype(np.float32)
+        if mesh_decoder is not None:
+            raw = mesh_decoder[0] + raw @ mesh_decoder[1]
+        raw = raw.reshape(len(p), -1, 3)
+        xy = (p[:, None, :2] + raw[..., :2] * variances[0] * p[:, None, 2:]) * np.array([w, h], np.float32)
+        mesh = np.concatenate([xy, raw[..., 2:] * variances[0] * p[:, None, 2:3] * w], axis=-1)
+    return boxes[keep], scores[idx][keep], lms[keep], mesh
 
 
 def iou_matrix(a, b):
@@ -152,8 +173,10 @@ def run_check(folder, runner) -> dict:
     mean, std = np.asarray(spec["mean"], np.float32), np.asarray(spec["std"], np.float32)
     size = g["canvases"].shape[1]
     pri = priors(size, size, spec["arch"]["min_sizes"], spec["steps"])
+    decoder = mesh_decoder_of(folder, meta)
+    mesh_offsets = np.concatenate([[0], np.cumsum(g["det_count"])]) if "det_mesh" in g else None
     ref_n = cand_n = 0
-    ious, serr, nme, worst_abs = [], [], [], {}
+    ious, serr, nme, mesh_nme, worst_abs = [], [], [], [], {}
     start = 0
     for i, canvas in enumerate(g["canvases"]):
         x = np.ascontiguousarray(((canvas.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None])
@@ -161,7 +184,7 @@ def run_check(folder, runner) -> dict:
         for name in spec["output_names"]:
             d = float(np.abs(out[name][g["anchor_idx"][i]] - g[f"ref_{name}"][i]).max())
             worst_abs[name] = max(worst_abs.get(name, 0.0), d)
-        boxes, scores, lms = detect(out, pri, (size, size), spec["variances"], gates["score_threshold"])
+        boxes, scores, lms, mesh = detect(out, pri, (size, size), spec["variances"], gates["score_threshold"], mesh_decoder=decoder)
         n = int(g["det_count"][i])
         rb, rs, rl = g["det_boxes"][start:start + n], g["det_scores"][start:start + n], g["det_landmarks"][start:start + n]
         start += n
@@ -173,17 +196,22 @@ def run_check(folder, runner) -> dict:
             serr.append(abs(float(rs[r]) - float(scores[c])))
             norm = math.sqrt(max(rb[r, 2] - rb[r, 0], 1e-6) * max(rb[r, 3] - rb[r, 1], 1e-6))
             nme.append(float(np.linalg.norm(rl[r] - lms[c], axis=-1).mean() / norm))
+            if mesh is not None and mesh_offsets is not None:
+                rm = g["det_mesh"][mesh_offsets[i] + r]
+                mesh_nme.append(float(np.linalg.norm(rm[:, :2] - mesh[c][:, :2], axis=-1).mean() / norm))
     s = {
         "target": meta["target"], "precision": meta["precision"], "images": int(len(g["canvases"])),
         "ref_faces": ref_n, "cand_faces": cand_n,
         "recall": len(ious) / ref_n if ref_n else 1.0, "precision_vs_ref": len(ious) / cand_n if cand_n else 1.0,
         "mean_iou": float(np.mean(ious)) if ious else None, "min_iou": float(np.min(ious)) if ious else None,
         "score_mae": float(np.mean(serr)) if serr else None, "landmark_nme": float(np.mean(nme)) if nme else None,
+        "mesh_nme": float(np.mean(mesh_nme)) if mesh_nme else None,
         "max_abs_on_golden_anchors": worst_abs,
     }
     failed = []
     for key, bound, sign in (("recall", "recall_min", 1), ("precision_vs_ref", "precision_min", 1), ("mean_iou", "mean_iou_min", 1),
-                             ("min_iou", "min_iou_min", 1), ("score_mae", "score_mae_max", -1), ("landmark_nme", "landmark_nme_max", -1)):
+                             ("min_iou", "min_iou_min", 1), ("score_mae", "score_mae_max", -1), ("landmark_nme", "landmark_nme_max", -1),
+                             ("mesh_nme", "mesh_nme_max", -1)):
         v = s[key]
         if v is not None and bound in gates and ((sign > 0 and v < gates[bound]) or (sign < 0 and v > gates[bound])):
             failed.append(f"{key} {v:.4f} {'<' if sign > 0 else '>'} {gates[bound]}")
