@@ -43,13 +43,14 @@ def main(out_dir: str = "demo_out") -> int:
     print(f"  weights: {meta['weights']['name']} ({meta['weights']['arch']}), sha256 {meta['weights']['sha256'][:16]}...")
     par = meta["parity"]
     print(f"  parity at conversion (built-in pictures): {'passed' if par['passed'] else 'FAILED'}; recall {par['recall']:.3f}, "
-          f"mean IoU {par['mean_iou']:.4f}, landmark NME {par['landmark_nme']:.4f}; gates {json.dumps({k: v for k, v in meta['gates'].items() if k.endswith(('_min', '_max'))})}")
+          f"mean IoU {par['mean_iou']:.4f}, landmark NME {par['landmark_nme']:.4f}"
+          + (f", mesh NME {par['mesh_nme']:.4f}" if par.get("mesh_nme") is not None else "") + f"; gates {json.dumps({k: v for k, v in meta['gates'].items() if k.endswith(('_min', '_max'))})}")
 
     model, _ = load_weights("default")
     runner, spec, desc = load_bundle_runner(bundle)
     ref_pipe, cand_pipe = Pipeline(TorchRunner(model), spec), Pipeline(runner, spec)
     print(f"\nFP32 PyTorch vs {desc}, faces with score >= 0.5, matched at IoU >= 0.5:")
-    print(f"  {'image':<14} {'fp32':>5} {'int8':>5} {'recall':>7} {'precision':>9} {'mean IoU':>9} {'lmk NME':>8}   max |err| loc / conf / landmarks")
+    print(f"  {'image':<14} {'fp32':>5} {'int8':>5} {'recall':>7} {'precision':>9} {'mean IoU':>9} {'lmk NME':>8} {'mesh NME':>9}   max |err| loc / conf / landmarks")
     pictures = [("grace_hopper", grace_hopper()), ("scene_1", scene(1)), ("scene_2", scene(2, (1080, 1440), 9)), ("scene_3", scene(3))]
     for name, im in pictures:
         prep = ref_pipe.preprocess(im)
@@ -59,7 +60,8 @@ def main(out_dir: str = "demo_out") -> int:
         err = tensor_errors(a, b)
         iou = np.mean(ag["iou"]) if ag["iou"] else float("nan")
         nme = np.mean(ag.get("landmark_nme", [np.nan]))
-        print(f"  {name:<14} {len(ref):>5} {len(cand):>5} {ag['recall']:>7.3f} {ag['precision']:>9.3f} {iou:>9.4f} {nme:>8.4f}   "
+        mesh_nme = np.mean(ag.get("mesh_nme", [np.nan]))
+        print(f"  {name:<14} {len(ref):>5} {len(cand):>5} {ag['recall']:>7.3f} {ag['precision']:>9.3f} {iou:>9.4f} {nme:>8.4f} {mesh_nme:>9.4f}   "
               f"{err['loc']['max_abs']:.3f} / {err['conf']['max_abs']:.3f} / {err['landmarks']['max_abs']:.3f}")
         draw_detections(im, [(ref, (0, 255, 0)), (cand, (255, 0, 255))], scores=False).save(out / f"{name}_fp32_vs_int8.png")
     print(f"\noverlays (FP32 green, int8 magenta): {out}/*_fp32_vs_int8.png")

@@ -56,11 +56,11 @@ def test_int8_recall_of_fp32_faces_on_group(bundles, default_model, group_image,
     assert meta["calibration"]["count"] == 32 and "built-in" in meta["calibration"]["source"]
     if target == "tflite":
         size = (bundle / "model.tflite").stat().st_size
-        assert size <= 0.6e6, size
+        assert size <= 0.65e6, size  # the detector ~0.6 MB, the mesh head's three 1x1 convolutions ~20 KB
         ops = meta["quantization"]["ops"]
         assert ops.get("CONV_2D:int8", 0) >= 40 and ops.get("DEPTHWISE_CONV_2D:int8", 0) == 13
     else:
-        assert meta["quantization"]["conv_weight_types"].get("i8", 0) == 56  # 43 convs + 13 group convs
+        assert meta["quantization"]["conv_weight_types"].get("i8", 0) == 59  # 43 convs + 13 group convs + 3 mesh
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8w", "int8"])
@@ -69,12 +69,12 @@ def test_coreml_structure(bundles, precision):
     meta = read_metadata(bundle)[1]
     q = meta["quantization"]
     assert q["inputs"] == {"input": [1, 3, 640, 640]}
-    assert q["outputs"] == {"loc": [1, 16800, 4], "conf": [1, 16800, 2], "landmarks": [1, 16800, 10]}
-    assert q["ops"].get("conv", 0) == 56
+    assert q["outputs"] == {"loc": [1, 16800, 4], "conf": [1, 16800, 2], "landmarks": [1, 16800, 10], "mesh": [1, 16800, 32]}
+    assert q["ops"].get("conv", 0) == 59  # 56 of the detector, 3 of the mesh head
     if precision == "fp16":
         assert q["int8_weight_tensors"] == 0
     else:
-        assert q["int8_weight_tensors"] >= 56
+        assert q["int8_weight_tensors"] >= 59
     if precision == "int8":
         assert q["ops"].get("quantize", 0) + q["ops"].get("dequantize", 0) > 0
     if sys.platform != "darwin":  # run by the numpy MIL interpreter, and said so

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -152,13 +154,27 @@ def test_train_mesh_end_to_end(shared, tmp_path):
     rows = list(csv.DictReader(open(joint / "log.csv")))
     assert any(float(r["mesh_vertex"]) > 0 for r in rows)
     assert load_weights(joint / "final.pth")[0].spec.mesh_rank == 8
-    # bundles cannot carry the low-rank mesh yet: refused before any work, not a half-written bundle
-    from edge.errors import ConfigError
-    from converters.api import convert
+    # the bundle carries the decoder: its parity reports the mesh, on the host and in the device check
+    import sys
 
-    with pytest.raises(ConfigError, match="mesh"):
-        convert("onnx", weights=str(out / "final.pth"), out=tmp_path / "bundle")
-    assert not (tmp_path / "bundle").exists()
+    from converters.api import convert
+    from converters.bundle import load_bundle_runner, read_metadata
+    from edge.errors import BundleError
+
+    res = convert("onnx", weights=str(out / "final.pth"), input_size=320, out=tmp_path / "bundle", progress=False)
+    _, meta = read_metadata(res.bundle)
+    assert meta["mesh_decoder"] == "mesh_decoder.npz" and "mesh_decoder.npz" in meta["files"]
+    assert res.parity["passed"] and res.parity["mesh_nme"] is not None and res.parity["mesh_nme"] < 1e-3
+    runner, spec, _ = load_bundle_runner(res.bundle)
+    assert runner.mesh_decoder[1].shape == (8, 3 * MESH_VERTICES)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "targets" / "common"))
+    import edgecheck
+
+    dev = edgecheck.run_check(res.bundle, runner)
+    assert dev["passed"] and dev["mesh_nme"] is not None and dev["mesh_nme"] < 1e-3, dev
+    (res.bundle / "mesh_decoder.npz").unlink()
+    with pytest.raises(BundleError, match="mesh_decoder.npz"):
+        load_bundle_runner(res.bundle)
 
 
 def test_json_and_drawing_carry_the_mesh():

@@ -125,3 +125,17 @@ def test_truncated_empty_and_garbage_checkpoints(tmp_path, shared):
             load_weights(p)
     with pytest.raises(WeightsError, match="neither a file nor a registry name"):
         load_weights(tmp_path / "missing.pth")
+
+
+def test_mesh_head_leaves_the_detector_unchanged(default_model):
+    """The shipped mesh head is an extra output: boxes, scores and landmarks are bit-identical without it."""
+    from edge.weights import load_weights
+
+    model, _ = default_model
+    detector, _ = load_weights("default", mesh=False)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, 320, 320)).astype(np.float32))
+    with torch.no_grad():
+        a, b = model(x), detector(x)
+    assert set(a) - set(b) == {"mesh"} and a["mesh"].shape == (1, 4200, 32)
+    for k in b:
+        assert torch.equal(a[k], b[k]), k

@@ -129,7 +129,7 @@ def cmd_train_detector(args) -> int:
         model, source = RetinaFace(ModelSpec(arch=arch)), {"name": None, "sha256": None}
     elif args.arch in ARCHS and (ARCHS[args.arch].cascade or len(ARCHS[args.arch].steps) == 5):
         # a variant started from weights of the plain configuration: transfer what fits
-        base, info = load_weights(args.weights)
+        base, info = load_weights(args.weights, mesh=False)  # the new layout starts without a mesh head
         if base.spec.arch.cascade or len(base.spec.steps) == 5:
             model, info = load_weights(args.weights, arch=args.arch)
         else:
@@ -155,6 +155,10 @@ def cmd_train_detector(args) -> int:
         from edge.train.mesh import load_labels as load_mesh_labels
 
         meshes = {m.path: (m.boxes, m.meshes) for m in load_mesh_labels(Path(args.mesh_labels))}
+    elif model.spec.mesh_vertices:  # no mesh labels: the mesh head is carried along unchanged
+        for n, prm in model.named_parameters():
+            if n.startswith(("MeshHead.", "mesh_")):
+                prm.requires_grad = False
     dataset = DetectionDataset(samples, root, model.spec, args.size, augment=None if args.no_augment else AugmentConfig(),
                                seed=args.seed, meshes=meshes)
     cfg = TrainConfig(out=args.out, epochs=args.epochs, iters=args.iters, batch=args.batch, lr=lr,
