@@ -1,4 +1,6 @@
-"""`edge compress`: prune the FP32 model and recover it by distillation from itself (no labels)."""
+"""`edge compress`: prune the FP32 model in stages, each recovered by distillation from the unpruned FP32 model
+(and, with labels, the multi-task loss on ground truth), through the training loop of `edge train`: progress
+bar, checkpoints, exact resume, DistributedDataParallel under torchrun."""
 from __future__ import annotations
 
 import json
@@ -27,67 +29,194 @@ def agreement_on(images, teacher, student, spec) -> dict:
             "precision": matched / cand if cand else 1.0, "mean_iou": float(np.mean(ious)) if ious else None}
 
 
+def _student_step(teacher, pri, loss_cfg, distill_weight: float, use_gt: bool):
+    """Loss of one batch: distillation from the FP32 teacher (soft scores everywhere; boxes, landmarks and mesh
+    codes where the teacher is confident) plus, with labels, the multi-task loss on ground truth (hard negatives)."""
+    import torch
+
+    from edge.train.multibox import multibox_loss
+    from quant.distill import distill_loss
+
+    def step(m, batch, device):
+        x, targets = batch
+        x = x.to(device)
+        out = m(x)
+        with torch.no_grad():
+            t = teacher(x)
+        loss, parts = distill_loss(out, t)
+        loss = distill_weight * loss
+        if use_gt:
+            gl, gp = multibox_loss(out, [{k: v.to(device) for k, v in tg.items()} for tg in targets], pri.to(device), loss_cfg)
+            loss = loss + gl
+            parts = {**parts, **{f"gt_{k}": v for k, v in gp.items()}}
+        return loss, parts
+
+    return step
+
+
 def cmd_compress(args) -> int:
+    import copy
     import random
 
     import torch
 
     from calib_data.build import IMAGE_SUFFIXES
+    from edge.anchors import priors
     from edge.atomic import atomic_file
     from edge.errors import ConfigError
-    from edge.weights import load_weights
-    from quant.distill import distill
-    from quant.prune import PruneConfig, compress
+    from edge.train.augment import AugmentConfig
+    from edge.train.data import DetectionDataset, collate
+    from edge.train.labels import Sample, read_labels
+    from edge.train.loop import TrainConfig, dist_env, train
+    from edge.train.multibox import LossConfig
+    from edge.weights import load_weights, read_state_dict
+    from quant.prune import Pruner, shrink_to, stage_config
 
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise ConfigError(f"--images {folder}: not a folder")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if len(paths) < 2:
-        raise ConfigError(f"--images {folder}: need at least 2 images, found {len(paths)}")
-    random.Random(0).shuffle(paths)
-    n_val = max(1, min(args.val, len(paths) // 5))
-    val, train = paths[:n_val], paths[n_val:]
-    torch.set_num_threads(args.threads) if args.threads else None
+    root = Path(args.images)
+    if not root.is_dir():
+        raise ConfigError(f"--images {root}: not a folder")
+    if not 0.0 < args.prune < 1.0:
+        raise ConfigError(f"--prune must be in (0, 1), got {args.prune}")
+    if args.stages < 1:
+        raise ConfigError("--stages must be positive")
+    if args.size % 32:
+        raise ConfigError(f"--size must be a multiple of 32, got {args.size}")
+    if args.labels:
+        samples = read_labels(args.labels)
+    else:  # distillation only: every image, no faces labelled
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        samples = [Sample(str(p.relative_to(root)), np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32),
+                          np.zeros(0, bool)) for p in paths]
+    if len(samples) < 2:
+        raise ConfigError(f"need at least 2 images, found {len(samples)}")
+    random.Random(args.seed).shuffle(samples)
+    n_val = max(1, min(args.val, len(samples) // 5))
+    val, train_set = samples[:n_val], samples[n_val:]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = dist_env()
+    if env.world > 1 and args.importance == "taylor":
+        raise ConfigError("--importance taylor ranks channels on each process's own batch; use magnitude under torchrun")
     teacher, info = load_weights(args.weights, arch=args.arch)
     spec = teacher.spec.with_input_size(args.size)
     teacher.spec = spec
+    teacher.to(env.device).eval()
+    for prm in teacher.parameters():
+        prm.requires_grad = False
+    out = Path(args.out)
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "heldout.txt").write_text("".join(s.path + "\n" for s in val))
+    pri = torch.from_numpy(priors(args.size, args.size, spec.arch.min_sizes, spec.steps))
+    loss_cfg = LossConfig(neg_pos=args.neg_pos)
+    dataset = DetectionDataset(train_set, root, spec, args.size, augment=AugmentConfig(), seed=args.seed)
+    step = _student_step(teacher, pri, loss_cfg, args.distill_weight, bool(args.labels))
+    iters = args.iters // args.stages if args.iters else None
+    if args.iters and iters < 1:
+        raise ConfigError("--iters must be at least --stages")
+    student, reports = copy.deepcopy(teacher).cpu(), []
+    for prm in student.parameters():  # torch-pruning leaves layers whose weights do not require grad alone
+        prm.requires_grad = True
     t0 = time.perf_counter()
-    student, report = compress(teacher, PruneConfig(ratio=args.prune))
-    student.spec = spec
-    print(f"pruned {args.prune:.0%}: {report['gmacs_before']:.3f} -> {report['gmacs_after']:.3f} GMACs, "
-          f"{report['params_before']:,} -> {report['params_after']:,} parameters", file=sys.stderr)
-    before = agreement_on(val, teacher, student, spec)
-    history = distill(student, teacher, train, steps=args.steps, batch=args.batch, size=args.size, lr=args.lr, progress=not args.quiet)
-    after = agreement_on(val, teacher, student, spec)
-    meta = {"format": 1, "kind": "pruned", "arch": info.arch.name, "teacher": {"name": info.name, "sha256": info.sha256},
-            "prune": report, "distill": {"steps": args.steps, "batch": args.batch, "size": args.size, "lr": args.lr,
-                                         "train_images": len(train), "final_loss": history[-1]["loss"] if history else None},
-            "validation": {"before_distill": before, "after_distill": after}, "seconds": round(time.perf_counter() - t0, 1)}
-    with atomic_file(args.out) as tmp:
-        torch.save({"state_dict": student.state_dict(), "retinaface_edge": meta}, tmp)
-    print(f"teacher-face recall on {len(val)} held-out images: {before['recall']:.3f} after pruning -> {after['recall']:.3f} "
-          f"after {args.steps} distillation steps (precision {after['precision']:.3f}, mean IoU {after['mean_iou'] or 0:.4f})")
-    print(f"wrote {args.out}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(meta, indent=1))
+    for k in range(1, args.stages + 1):  # stage k: k / stages of the ratio, of the teacher's widths
+        sdir = out / f"stage{k}"
+        final, last = sdir / "final.pth", sdir / "last.pth"
+        if final.exists():  # stage done in an earlier run
+            student, _ = load_weights(final)
+            reports.append({"stage": k, "resumed": "done"})
+            continue
+        if last.exists() and args.resume:  # stage interrupted: its shapes come from its checkpoint
+            shrink_to(student, read_state_dict(last))
+            rep = {"stage": k, "resumed": "from last.pth"}
+        else:
+            pcfg = stage_config(teacher, student, args.prune * k / args.stages, args.importance)
+            pruner = Pruner(student, pcfg, args.size)
+            pruner.prepare()
+            if args.importance == "taylor":
+                x, tg = collate([dataset[i] for i in range(min(args.batch, len(dataset)))])
+                pruner.step(backward=lambda m: step(m, (x, tg), torch.device("cpu"))[0].backward())
+            else:
+                pruner.step()
+            student, rep = pruner.model, {"stage": k, **{key: v for key, v in pruner.report().items() if key != "conv_widths"}}
+        student.spec = spec
+        for n, prm in student.named_parameters():  # the mesh decoder (mean, basis) stays the teacher's
+            prm.requires_grad = not n.startswith(("mesh_mean", "mesh_basis"))
+        reports.append(rep)
+        if env.main:
+            print(f"stage {k}/{args.stages}: pruned to {sum(p.numel() for p in student.parameters()):,} parameters", file=sys.stderr)
+        cfg = TrainConfig(out=str(sdir), epochs=args.epochs, iters=iters, batch=args.batch, lr=args.lr or 1e-3, optimizer="adamw",
+                          weight_decay=args.weight_decay if args.weight_decay is not None else 1e-4, warmup=args.warmup,
+                          workers=args.workers, seed=args.seed + k, save_every=args.save_every, bn=args.bn or "frozen",
+                          amp=args.amp, tf32=args.tf32, progress=not args.quiet,
+                          extra={"stage": k, "stages": args.stages, "prune": args.prune, "importance": args.importance,
+                                 "labels": str(args.labels) if args.labels else None, "distill_weight": args.distill_weight,
+                                 "images": len(train_set)})
+        meta = {"format": 1, "kind": "pruned", "arch": info.arch.name, "teacher": {"name": info.name, "sha256": info.sha256},
+                "train": cfg.extra}
+        if spec.mesh_vertices:
+            meta["mesh"] = {"vertices": spec.mesh_vertices, "rank": spec.mesh_rank}
+        train(student, dataset, collate, step, cfg, meta=meta, resume=last if last.exists() and args.resume else None, env=env)
+        student = student.cpu().eval()
+    checksums = [float(sum(v.double().sum() for v in student.state_dict().values() if v.is_floating_point()))]
+    if env.world > 1:  # every process must end with the same weights
+        import torch.distributed as dist
+
+        gathered = [None] * env.world
+        dist.all_gather_object(gathered, checksums[0])
+        checksums = gathered
+        dist.destroy_process_group()
+    if not env.main:
+        return 0
+    stage_final = out / f"stage{args.stages}" / "final.pth"
+    with atomic_file(out / "final.pth") as tmp:
+        tmp.write_bytes(stage_final.read_bytes())
+    model, _ = load_weights(out / "final.pth")
+    teacher = teacher.cpu()
+    model.spec = spec
+    import torch_pruning as tp
+
+    from edge.model import TupleOutputs
+
+    x = torch.zeros(1, 3, args.size, args.size)
+    macs = [tp.utils.count_ops_and_params(TupleOutputs(m), x) for m in (teacher, model)]
+    summary = {"stages": reports, "gmacs": [macs[0][0] / 1e9, macs[1][0] / 1e9], "params": [int(macs[0][1]), int(macs[1][1])],
+               "heldout": {"images": len(val), "list": "heldout.txt"},
+               "world_size": env.world, "param_checksums": checksums, "seconds": round(time.perf_counter() - t0, 1)}
+    paths = [root / s.path for s in val]
+    summary["agreement_with_teacher"] = agreement_on(paths, teacher, model, spec)
+    if args.labels:
+        from edge.train.detector import evaluate_on_samples
+
+        summary["heldout_ap"] = {"teacher": evaluate_on_samples(teacher, val, root, args.size),
+                                 "student": evaluate_on_samples(model, val, root, args.size)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    a = summary["agreement_with_teacher"]
+    print(f"pruned {args.prune:.0%} in {args.stages} stage(s): {summary['gmacs'][0]:.3f} -> {summary['gmacs'][1]:.3f} GMACs at "
+          f"{args.size}, {summary['params'][0]:,} -> {summary['params'][1]:,} parameters")
+    print(f"teacher-face recall on {len(val)} held-out images {a['recall']:.3f} (precision {a['precision']:.3f}, "
+          f"mean IoU {a['mean_iou'] or 0:.4f})")
+    if "heldout_ap" in summary:
+        h = summary["heldout_ap"]
+        print(f"held-out AP (all faces, IoU 0.5): teacher {h['teacher']['ap']:.4f}, student {h['student']['ap']:.4f}")
+    print(f"wrote {out / 'final.pth'} (use with --weights; `edge eval widerface --list {out / 'heldout.txt'}` for easy/medium/hard)",
+          file=sys.stderr)
     return 0
 
 
 def register(sub) -> None:
     from edge.cli import add_model_args
+    from edge.train.detector import add_train_args
 
-    p = sub.add_parser("compress", help="prune and distil the model into a smaller checkpoint")
+    p = sub.add_parser("compress", help="prune the model in stages, each recovered by distillation from the FP32 model")
     add_model_args(p, bundle=False)
-    p.add_argument("--images", required=True, help="unlabelled training images (a held-out part validates)")
+    p.add_argument("--images", required=True, help="training images (a held-out part validates)")
+    p.add_argument("--labels", default=None, help="WIDER-format labels for --images: adds the multi-task loss on ground truth")
     p.add_argument("--prune", type=float, default=0.3, help="fraction of channels removed (multiples of 8 kept)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--stages", type=int, default=1, help="iterative pruning: prune, fine-tune, prune again ...")
+    p.add_argument("--importance", choices=("magnitude", "taylor"), default="magnitude")
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--neg-pos", type=float, default=7.0, help="hard negatives per positive (with --labels)")
     p.add_argument("--size", type=int, default=640)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--val", type=int, default=40, help="held-out images for validation")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True, help="checkpoint to write (.pth; written atomically)")
-    p.add_argument("--json", default=None)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--val", type=int, default=100, help="held-out images")
+    add_train_args(p)
     p.set_defaults(func=cmd_compress)

@@ -18,7 +18,7 @@ def test_prune_keeps_contract_and_rounds_channels(default_model):
     from quant.prune import PruneConfig, compress
 
     model, _ = default_model
-    pruned, rep = compress(model, PruneConfig(ratio=0.3), size=320)
+    pruned, rep = compress(model, PruneConfig.uniform(0.3), size=320)
     assert rep["gmacs_after"] < 0.5 * rep["gmacs_before"] and rep["params_after"] < rep["params_before"]
     x = torch.zeros(1, 3, 320, 320)
     with torch.no_grad():
@@ -33,7 +33,7 @@ def test_pruned_checkpoint_round_trip(default_model, tmp_path):
     from quant.prune import PruneConfig, compress
 
     model, info = default_model
-    pruned, rep = compress(model, PruneConfig(ratio=0.5), size=320)
+    pruned, rep = compress(model, PruneConfig.uniform(0.5), size=320)
     p = tmp_path / "p.pth"
     torch.save({"state_dict": pruned.state_dict(), "retinaface_edge": {"format": 1, "kind": "pruned", "arch": info.arch.name, "prune": rep}}, p)
     loaded, li = load_weights(p)
@@ -44,26 +44,90 @@ def test_pruned_checkpoint_round_trip(default_model, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_compress_cli_and_kill(shared, tmp_path):
-    """Tiny settings (2 steps, 320 px): the command runs end to end, and SIGKILL at any point leaves --out absent or whole."""
-    out = tmp_path / "small.pth"
-    cmd = [sys.executable, "-m", "edge.cli", "compress", "--images", str(shared / "images"), "--prune", "0.3", "--steps", "2",
-           "--batch", "1", "--size", "320", "--val", "1", "--out", str(out), "--quiet"]
-    seen_partial = False
-    for delay in (1.0, 2.5, 4.0, 5.5):
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_compress_cli_kill_and_resume(shared, tmp_path):
+    """Tiny settings (two stages of 3 steps, 320 px): SIGKILL at any point leaves final.pth absent or whole, and
+    --resume finishes the run: stage 2 narrower than stage 1, both narrower than the teacher."""
+    import json
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "edge.cli", "compress", "--images", str(shared / "images"), "--prune", "0.3", "--stages", "2",
+           "--iters", "6", "--batch", "1", "--size", "320", "--val", "1", "--save-every", "1", "--warmup", "1",
+           "--threads", "1", "--out", str(out), "--quiet"]
+    for delay in (3.0, 6.0, 9.0):
+        p = subprocess.Popen(cmd + ["--resume"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t = time.time()
         while time.time() - t < delay and p.poll() is None:
-            seen_partial |= any(tmp_path.glob(".small.pth.partial-*"))
             time.sleep(0.05)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        if out.exists():
-            load_weights(out)  # complete, or this raises
-            out.unlink()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if (out / "final.pth").exists():
+            load_weights(out / "final.pth")  # complete, or this raises
+    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    model, info = load_weights(out)
-    assert info.from_checkpoint and sum(p.numel() for p in model.parameters()) < 300_000
-    assert "teacher-face recall" in r.stdout
-    assert not list(tmp_path.glob(".small.pth.partial-*"))
+    teacher, _ = load_weights("default")
+    s1, _ = load_weights(out / "stage1" / "final.pth")
+    model, info = load_weights(out / "final.pth")
+    n = [sum(p.numel() for p in m.parameters()) for m in (teacher, s1, model)]
+    assert n[0] > n[1] > n[2] and info.from_checkpoint and model.spec.mesh_rank == teacher.spec.mesh_rank
+    x = torch.zeros(1, 3, 320, 320)
+    with torch.no_grad():
+        assert {k: v.shape for k, v in teacher(x).items()} == {k: v.shape for k, v in model(x).items()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["gmacs"][1] < 0.75 * summary["gmacs"][0] and "teacher-face recall" in r.stdout
+    assert (out / "heldout.txt").read_text().count("\n") == 1
+    assert not list(out.glob(".final.pth.partial-*"))
+
+
+def test_compress_ddp_two_cpu_processes(shared, tmp_path):
+    """`edge compress` under torchrun: two gloo processes prune alike, train on their halves, end with the same weights."""
+    import json
+    import os
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted((shared / "widerface/val/images/12--Group").glob("*.jpg"))[:6]:
+        (images / p.name).symlink_to(p)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "edge.cli", "compress", "--images", str(images), "--prune", "0.3", "--iters", "3",
+                        "--batch", "1", "--size", "160", "--val", "1", "--threads", "1", "--warmup", "1",
+                        "--out", str(out), "--quiet"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    a, b = summary["param_checksums"]
+    assert a == b
+
+
+def test_compress_config_resolution(default_model):
+    """Most specific wins: module name (longest prefix) > module type > global; None leaves a module alone."""
+    from torch import nn
+
+    from edge.errors import ConfigError
+    from quant.config import PruneConfig, PruneOpConfig
+    from quant.prune import Pruner
+
+    model, _ = default_model
+    cfg = PruneConfig(global_config=PruneOpConfig(0.5), module_type_configs={"Conv2d": PruneOpConfig(0.25)},
+                      module_name_configs={**PruneConfig().module_name_configs, "body.stage3": PruneOpConfig(0.0),
+                                           "body.stage3.0": None})
+    conv = nn.Conv2d(1, 1, 1)
+    assert cfg.config_for("fpn.output1.0", conv).ratio == 0.25
+    assert cfg.config_for("fpn.output1.0", nn.BatchNorm2d(1)).ratio == 0.5
+    assert cfg.config_for("body.stage3.1.0", conv).ratio == 0.0 and cfg.config_for("body.stage3.0.3", conv) is None
+    assert cfg.config_for("ClassHead.0.conv1x1", conv) is None
+    with pytest.raises(ConfigError, match="bodyy"):
+        PruneConfig(module_name_configs={"bodyy": PruneOpConfig(0.1)}).resolve(model, (nn.Conv2d,))
+    with pytest.raises(ConfigError):
+        PruneOpConfig(1.5)
+    import copy
+
+    p = Pruner(copy.deepcopy(model), PruneConfig.uniform(0.3, stages=2), size=160)
+    p.prepare()
+    r1, r2 = p.step(), p.step()
+    assert r1["gmacs"] > r2["gmacs"] and p.report()["stages_done"] == 2
+    with pytest.raises(RuntimeError):
+        p.step()
+    widths = {n: m.out_channels for n, m in p.model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert widths["ClassHead.0.conv1x1"] == 4 and all(w % 8 == 0 for n, w in widths.items() if "Head" not in n)
