@@ -129,8 +129,19 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         raise ConfigError(f"{info.arch.name} needs an input size that is a multiple of {model.spec.pad_multiple}, got {input_size}")
     spec = model.spec.with_input_size(input_size)
     model.spec = spec
+    qat = None
+    if info.kind == "qat" and precision == "int8":  # int8 from the trained fake-quantised program, no calibration
+        if target not in ("tflite", "openvino"):
+            raise ConfigError(f"QAT checkpoints convert to int8 for tflite and openvino; for {target} use its float "
+                              f"weights with PTQ (--weights the run's final.pth)")
+        if calib is not None:
+            raise ConfigError("--calib is not used with a QAT checkpoint (its ranges were learnt in training)")
+        from quant.qat import load_qat
+
+        qat, model = load_qat(info.path, input_size)
+        equalize = False
     cs = None
-    if precision == "int8":
+    if precision == "int8" and qat is None:
         cs = load_calibration(calib, input_size, calib_count, spec.mean, progress)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -159,7 +170,7 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         qmodel.spec = spec
         eq_report["fp32_max_abs_change"] = _max_change(model, qmodel, spec)
     with atomic_folder(out) as tmp:
-        conv = mod.convert(qmodel, spec, ConvertOptions(target, precision, input_size, calib, calib_count, progress), tmp, cs, meta_min)
+        conv = mod.convert(qmodel, spec, ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat), tmp, cs, meta_min)
         conv.quantization["cross_layer_equalization"] = eq_report
         gold = golden(model, spec, input_size)
         np.savez_compressed(tmp / "golden.npz", **gold)

@@ -59,6 +59,7 @@ class ConvertOptions:
     calib: str | None = None  # folder of images, a built .npz, or None for the built-in set
     calib_count: int = 32
     progress: bool = True
+    qat: object = None  # int8 from a QAT checkpoint: its prepared quant.qat.QATQuantizer (no calibration)
 
 
 @dataclass

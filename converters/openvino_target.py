@@ -30,7 +30,10 @@ def _to_ov(model, spec, size: int):
     import openvino as ov
 
     x = torch.zeros(1, 3, size, size)
-    m = ov.convert_model(TupleOutputs(model).eval(), example_input=x, input=[1, 3, size, size])
+    return _named(ov.convert_model(TupleOutputs(model).eval(), example_input=x, input=[1, 3, size, size]), spec)
+
+
+def _named(m, spec):
     m.inputs[0].get_tensor().set_names({"input"})
     m.set_friendly_name("retinaface_edge")
     for out, name in zip(m.outputs, spec.output_names):
@@ -41,10 +44,18 @@ def _to_ov(model, spec, size: int):
 def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: dict[str, str]) -> Converted:
     import openvino as ov
 
-    step(opts.progress, "ov.convert_model")
-    m = _to_ov(model, spec, opts.input_size)
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
-    if opts.precision == "int8":
+    if opts.precision == "int8" and opts.qat is not None:
+        # the converted PT2E program (quantize/dequantize pairs): OpenVINO fuses them into u8 convolutions
+        step(opts.progress, "ov.convert_model of the QAT program")
+        x = torch.zeros(1, 3, opts.input_size, opts.input_size)
+        m = _named(ov.convert_model(torch.export.export(opts.qat.finalize(), (x,))), spec)
+        quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> ov.convert_model", "weights": "int8 per-channel symmetric",
+                      "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
+    else:
+        step(opts.progress, "ov.convert_model")
+        m = _to_ov(model, spec, opts.input_size)
+    if opts.precision == "int8" and opts.qat is None:
         import nncf
 
         step(opts.progress, f"nncf.quantize on {len(calib)} calibration images")

@@ -107,7 +107,15 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     out = workdir / "model.tflite"
     x = torch.zeros(1, 3, opts.input_size, opts.input_size)
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
-    if opts.precision == "int8":
+    if opts.precision == "int8" and opts.qat is not None:
+        import litert_torch
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        step(opts.progress, "the QAT program (trained ranges, no calibration), then litert_torch.convert")
+        litert_torch.convert(opts.qat.finalize(), (x,), quant_config=QuantConfig(pt2e_quantizer=opts.qat.quantizer)).export(str(out))
+        quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> litert_torch.convert", "weights": "int8 per-channel symmetric",
+                      "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
+    elif opts.precision == "int8":
         step(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert")
         quant.update(_convert_int8(model, x, calib, spec, out, opts.progress))
     else:

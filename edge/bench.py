@@ -160,7 +160,7 @@ def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: 
     from converters.bundle import load_bundle_runner, read_metadata
     from edge.cli import peer_pipeline
     from edge.pipeline import Pipeline
-    from edge.weights import load_weights
+    from edge.weights import REGISTRY, load_weights
 
     model, _ = load_weights("default")
     ours_macs = conv_macs(model, input_size)
@@ -171,8 +171,18 @@ def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: 
         files = [meta["model_file"]] + (["model.bin"] if meta["target"] == "openvino" else [])
         dtype = "int8" if meta["precision"] == "int8" else "fp32"
         rt = {"onnx": "onnxruntime", "tflite": "tflite", "openvino": "openvino"}.get(meta["target"])
-        out.append(Candidate(f"{meta['target']} {meta['precision']}", Pipeline(runner, spec), sum(path_bytes(folder / f) for f in files),
-                             conv_macs(model, spec.input_size) if rt else None, dtype, rt or "onnxruntime"))
+        name, source = f"{meta['target']} {meta['precision']}", model
+        w = meta.get("weights", {})
+        if w.get("sha256") != REGISTRY["default"].sha256:  # another model (a pruned one): its own name and MACs
+            from edge.parity_cli import reference_model
+
+            name += f" [{w.get('name')}]"
+            try:
+                source = reference_model(meta)
+            except Exception:  # noqa: BLE001 - the checkpoint moved: no compute floor for this row
+                source = None
+        out.append(Candidate(name, Pipeline(runner, spec), sum(path_bytes(folder / f) for f in files),
+                             conv_macs(source, spec.input_size) if rt and source is not None else None, dtype, rt or "onnxruntime"))
     if torch_ref:
         import torch
 

@@ -137,6 +137,7 @@ class LoadedWeights:
     params: int
     from_checkpoint: bool = False  # the configuration was recorded in the checkpoint (edge compress)
     mesh_sha256: str | None = None  # the registry's mesh head file, when one was added
+    kind: str | None = None  # our checkpoints: "pruned", "trained", "mesh", "qat" (its float weights; see quant.qat)
 
     def describe(self) -> str:
         kind = "registry" if self.known else "configuration from the checkpoint" if self.from_checkpoint else "unknown checkpoint, configuration given by --arch"
@@ -443,13 +444,14 @@ def load_weights(
         # a plain state_dict of a model with a low-rank mesh head (model.state_dict() saved as is)
         mesh_rank, mesh_vertices = int(state["mesh_basis"].shape[0]), int(state["mesh_basis"].shape[1]) // 3
     model = RetinaFace(ModelSpec(arch=cfg, mesh_vertices=mesh_vertices, mesh_rank=mesh_rank))
-    if meta.get("kind") == "pruned":
+    if meta.get("kind") in ("pruned", "qat"):
         from quant.prune import shrink_to
 
         shrink_to(model, state)
     load_into(model, state, f"checkpoint {path.name}")
     info = LoadedWeights(entry.name if entry else path.name, str(path), digest, cfg, entry is not None, count_params(model),
-                         from_checkpoint=saved_arch is not None and entry is None)
+                         from_checkpoint=saved_arch is not None and entry is None,
+                         kind=meta.get("kind") if isinstance(meta.get("kind"), str) else None)
     return model.eval(), info
 
 

@@ -157,6 +157,32 @@ def cmd_compress(args) -> int:
             meta["mesh"] = {"vertices": spec.mesh_vertices, "rank": spec.mesh_rank}
         train(student, dataset, collate, step, cfg, meta=meta, resume=last if last.exists() and args.resume else None, env=env)
         student = student.cpu().eval()
+    qat_report = None
+    if args.qat_steps:  # quantisation-aware training of the pruned model, distilled from the unpruned FP32 one
+        from quant.qat import QATQuantizer
+
+        qdir, qfinal = out / "qat", out / "qat.pth"
+        if qfinal.exists():
+            qat_report = {"resumed": "done"}
+        else:
+            q = QATQuantizer(student, size=args.size, observe_steps=args.observe_steps)
+            net = q.prepare()
+            cfg = TrainConfig(out=str(qdir), iters=args.qat_steps, batch=args.batch, lr=args.qat_lr, optimizer="adamw",
+                              weight_decay=0.0, warmup=min(args.warmup, args.qat_steps), workers=args.workers, seed=args.seed + 100,
+                              save_every=args.save_every, bn="frozen", progress=not args.quiet,
+                              extra={"qat_steps": args.qat_steps, "observe_steps": args.observe_steps, "images": len(train_set)})
+            last = qdir / "last.pth"
+            train(net, dataset, collate, step, cfg, meta={"format": 1, "kind": "qat-run", "arch": info.arch.name},
+                  resume=last if last.exists() and args.resume else None, env=env, after_step=q.step)
+            qat_report = q.report()
+            if env.main:
+                meta = {"format": 1, "kind": "qat", "arch": info.arch.name, "teacher": {"name": info.name, "sha256": info.sha256},
+                        "train": cfg.extra, "qat": qat_report, "size": args.size}
+                if spec.mesh_vertices:
+                    meta["mesh"] = {"vertices": spec.mesh_vertices, "rank": spec.mesh_rank}
+                with atomic_file(qfinal) as tmp:
+                    torch.save({"state_dict": q.float_state(student), "qat_state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                                "retinaface_edge": meta}, tmp)
     checksums = [float(sum(v.double().sum() for v in student.state_dict().values() if v.is_floating_point()))]
     if env.world > 1:  # every process must end with the same weights
         import torch.distributed as dist
@@ -181,7 +207,7 @@ def cmd_compress(args) -> int:
     macs = [tp.utils.count_ops_and_params(TupleOutputs(m), x) for m in (teacher, model)]
     summary = {"stages": reports, "gmacs": [macs[0][0] / 1e9, macs[1][0] / 1e9], "params": [int(macs[0][1]), int(macs[1][1])],
                "heldout": {"images": len(val), "list": "heldout.txt"},
-               "world_size": env.world, "param_checksums": checksums, "seconds": round(time.perf_counter() - t0, 1)}
+               "world_size": env.world, "param_checksums": checksums, "qat": qat_report, "seconds": round(time.perf_counter() - t0, 1)}
     paths = [root / s.path for s in val]
     summary["agreement_with_teacher"] = agreement_on(paths, teacher, model, spec)
     if args.labels:
@@ -198,6 +224,9 @@ def cmd_compress(args) -> int:
     if "heldout_ap" in summary:
         h = summary["heldout_ap"]
         print(f"held-out AP (all faces, IoU 0.5): teacher {h['teacher']['ap']:.4f}, student {h['student']['ap']:.4f}")
+    if args.qat_steps:
+        print(f"wrote {out / 'qat.pth'}: the QAT model (`edge-convert --precision int8 --weights` it for tflite or openvino)",
+              file=sys.stderr)
     print(f"wrote {out / 'final.pth'} (use with --weights; `edge eval widerface --list {out / 'heldout.txt'}` for easy/medium/hard)",
           file=sys.stderr)
     return 0
@@ -218,5 +247,8 @@ def register(sub) -> None:
     p.add_argument("--neg-pos", type=float, default=7.0, help="hard negatives per positive (with --labels)")
     p.add_argument("--size", type=int, default=640)
     p.add_argument("--val", type=int, default=100, help="held-out images")
+    p.add_argument("--qat-steps", type=int, default=0, help="then quantisation-aware training for this many steps (OUT/qat.pth)")
+    p.add_argument("--qat-lr", type=float, default=2e-5)
+    p.add_argument("--observe-steps", type=int, default=50, help="QAT steps before the activation ranges freeze")
     add_train_args(p)
     p.set_defaults(func=cmd_compress)

@@ -122,11 +122,13 @@ StepFn = Callable[[torch.nn.Module, object, torch.device], tuple[torch.Tensor, d
 
 def train(model: torch.nn.Module, dataset, collate, step_fn: StepFn, cfg: TrainConfig, *, meta: dict,
           params: list[torch.nn.Parameter] | None = None, resume: str | Path | None = None,
-          env: DistEnv | None = None) -> list[dict]:
+          env: DistEnv | None = None, after_step=None) -> list[dict]:
     """Train `model` in place. step_fn(wrapped_model, batch, device) -> (loss, parts dict of floats).
     meta: our checkpoint metadata (arch, kind, ...), saved with every checkpoint.
     params: the parameters to train (default: all that require grad), or param groups (dicts) with an
-    optional "lr_scale" multiplying the schedule's learning rate. Returns the logged rows (this process)."""
+    optional "lr_scale" multiplying the schedule's learning rate. after_step(step): called after every
+    optimiser step, and once with the step resumed from (QAT freezes its observers by it).
+    Returns the logged rows (this process)."""
     from tqdm import tqdm
 
     env = env or dist_env()
@@ -161,6 +163,8 @@ def train(model: torch.nn.Module, dataset, collate, step_fn: StepFn, cfg: TrainC
         step = int(ck["step"])
         if env.main:
             print(f"resumed from {resume} at step {step} of {total}", file=sys.stderr)
+        if after_step is not None:
+            after_step(step)
     wrapped = model
     if env.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
@@ -220,6 +224,8 @@ def train(model: torch.nn.Module, dataset, collate, step_fn: StepFn, cfg: TrainC
                 scaler.step(opt)
                 scaler.update()
                 step += 1
+                if after_step is not None:
+                    after_step(step)
                 now = time.perf_counter()
                 row = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": loss.item(), **parts,
                        "seconds": round(now - t_last, 4)}

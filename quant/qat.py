@@ -1,0 +1,135 @@
+"""Quantisation-aware training with PT2E: one fake-quantised program (int8 per-channel weights, int8
+per-tensor activations) trained by distillation from the FP32 model, then converted for TFLite
+(litert-torch) and OpenVINO (`ov.convert_model` of the converted program keeps u8 convolutions).
+
+prepare -> train, calling step() after every optimiser step -> finalize, and report(). Batch norms are
+frozen (running statistics fixed: batches here are small, and batch-norm training at batch 1 ruins the
+model) and the observers run for `observe_steps` steps, then their ranges are frozen too.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from edge.model import TupleOutputs
+from quant.config import QuantConfig
+
+
+@contextmanager
+def _module_patterns():
+    """litert-torch 0.10's conv-BN annotator (QAT only) exports a bare function with torch.export, which
+    torch 2.13 refuses (it takes modules); wrap such patterns in a module while preparing."""
+    import litert_torch.quantize.pt2e_quantizer_utils as utils
+
+    orig = utils._get_aten_graph_module_for_pattern
+
+    def wrapped(pattern, example_inputs, is_cuda=False, **kwargs):
+        if not isinstance(pattern, nn.Module):
+            fn = pattern
+
+            class Pattern(nn.Module):
+                def forward(self, *args):
+                    return fn(*args)
+
+            pattern = Pattern()
+        return orig(pattern, example_inputs, is_cuda, **kwargs)
+
+    utils._get_aten_graph_module_for_pattern = wrapped
+    try:
+        yield
+    finally:
+        utils._get_aten_graph_module_for_pattern = orig
+
+
+class NamedOutputs(nn.Module):
+    """The exported program returns a tuple; training code wants the model's named outputs."""
+
+    def __init__(self, gm: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.gm, self.names = gm, names
+
+    def forward(self, x):
+        return dict(zip(self.names, self.gm(x)))
+
+    def train(self, mode: bool = True):
+        """Exported programs refuse train()/eval(); batch norms stay frozen and fake quantisation on."""
+        self.training = mode
+        return self
+
+
+class QATQuantizer:
+    def __init__(self, model, config: QuantConfig | None = None, size: int = 640, observe_steps: int = 50):
+        self.model, self.config, self.size, self.observe_steps = model, config or QuantConfig(), size, observe_steps
+        self.steps, self.gm, self.quantizer = 0, None, None
+
+    def prepare(self) -> NamedOutputs:
+        """-> the fake-quantised model (named outputs), ready to train."""
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+        g = self.config.global_config
+        if g is None or g.activation_bits is None:
+            raise ValueError("QAT here is int8 weights and activations (global_config with activation_bits=8)")
+        x = torch.zeros(2, 3, self.size, self.size)
+        batch = torch.export.Dim("batch", min=1, max=256)
+        gm = torch.export.export(TupleOutputs(self.model.eval()), (x,), dynamic_shapes={"x": {0: batch}}).module()
+        self.quantizer = PT2EQuantizer().set_global(
+            get_symmetric_quantization_config(is_per_channel=g.weight_granularity == "per_channel", is_qat=True))
+        with _module_patterns():
+            gm = prepare_qat_pt2e(gm, self.quantizer)
+        self.gm = move_exported_model_to_eval(gm)  # batch norms frozen; fake quantisation stays on
+        self.gm.training = False
+        return NamedOutputs(self.gm, self.model.spec.output_names)
+
+    def step(self, n: int | None = None) -> None:
+        """Call after each optimiser step (n: the step count, when resuming): the observers' ranges are frozen
+        once observe_steps steps are done."""
+        from torchao.quantization.pt2e import disable_observer
+
+        self.steps = self.steps + 1 if n is None else n
+        if self.steps >= self.observe_steps:
+            self.gm.apply(disable_observer)
+
+    def float_state(self, model) -> dict[str, torch.Tensor]:
+        """The trained float weights as a state_dict of `model` (the program holds its own copies)."""
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for k, v in self.gm.state_dict().items():
+            if k.startswith("model.") and k[6:] in state:
+                state[k[6:]] = v.detach().clone()
+        return state
+
+    def finalize(self):
+        """-> the converted program (quantize/dequantize pairs, weights not folded): for litert-torch and
+        `ov.convert_model`."""
+        from quant.ptq import converted
+
+        return converted(self.gm, fold_quantize=False)
+
+    def report(self) -> dict:
+        fq = sum(1 for m in self.gm.modules() if type(m).__name__.endswith("FakeQuantize")) if self.gm is not None else 0
+        return {"method": "qat", "steps": self.steps, "observe_steps": self.observe_steps, "fake_quantizers": fq,
+                "weights": self.config.global_config.weight_granularity if self.config.global_config else None}
+
+
+def load_qat(path, size: int):
+    """A QAT checkpoint (`edge compress --qat-steps`) -> (QATQuantizer prepared at `size` with the trained
+    ranges and weights, float model). The fake-quantised program is rebuilt from the float model and its
+    state loaded: per-tensor ranges do not depend on the input size."""
+    from edge.errors import WeightsError
+    from edge.weights import load_weights
+
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ck, dict) or not isinstance(ck.get("qat_state"), dict):
+        raise WeightsError(f"{path} is not a QAT checkpoint (no qat_state)")
+    model, _ = load_weights(path)
+    model.spec = model.spec.with_input_size(size)
+    q = QATQuantizer(model, size=size, observe_steps=0)
+    net = q.prepare()
+    try:
+        net.load_state_dict(ck["qat_state"])
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: its QAT state does not fit the model ({str(e)[:200]})") from None
+    return q, model
