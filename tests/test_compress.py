@@ -131,3 +131,35 @@ def test_compress_config_resolution(default_model):
         p.step()
     widths = {n: m.out_channels for n, m in p.model.named_modules() if isinstance(m, nn.Conv2d)}
     assert widths["ClassHead.0.conv1x1"] == 4 and all(w % 8 == 0 for n, w in widths.items() if "Head" not in n)
+
+
+@pytest.mark.qat
+def test_qat_run_converts_for_tflite_and_openvino(shared, tmp_path):
+    """edge compress --qat-steps: the QAT checkpoint loads as float weights, its observers froze after
+    --observe-steps, and edge-convert builds int8 TFLite and OpenVINO bundles from the trained program."""
+    from converters.api import convert
+    from converters.bundle import read_metadata
+    from edge.cli import main
+
+    out = tmp_path / "run"
+    assert main(["compress", "--images", str(shared / "images"), "--prune", "0.3", "--iters", "1", "--qat-steps", "3",
+                 "--observe-steps", "2", "--batch", "1", "--size", "160", "--val", "1", "--warmup", "1", "--threads", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    ck = torch.load(out / "qat.pth", weights_only=True)
+    observers = [v for k, v in ck["qat_state"].items() if k.endswith("observer_enabled")]
+    assert len(observers) > 100 and all(int(v) == 0 for v in observers)
+    model, info = load_weights(out / "qat.pth")
+    assert info.kind == "qat" and sum(p.numel() for p in model.parameters()) < 300_000
+    for target, key in (("tflite", "ops"), ("openvino", "conv_weight_types")):
+        res = convert(target, "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / target, progress=False)
+        meta = read_metadata(res.bundle)[1]
+        q = meta["quantization"]
+        assert "QAT" in q["route"] and meta["calibration"] is None and res.parity["recall"] is not None
+        if target == "tflite":
+            assert q["ops"].get("CONV_2D:int8", 0) >= 40 and q["ops"].get("DEPTHWISE_CONV_2D:int8", 0) == 13
+        else:
+            assert q["conv_weight_types"].get("i8", 0) == 59
+    from edge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="QAT"):
+        convert("onnx", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "onnx", progress=False)
