@@ -1,2 +1,3 @@
-"""Compression: structured pruning, post-training quantisation and quantisation-aware training,
-distilled from the FP32 model. (Not built yet: see the compression issue.)"""
+"""Compression: structured pruning (quant.prune, configured by quant.config), post-training quantisation
+(quant.ptq, used by the converters) and quantisation-aware training (quant.qat), distilled from the FP32
+model (quant.distill); `edge compress` (quant.cli) runs them through the training loop of edge.train."""
