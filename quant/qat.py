@@ -43,6 +43,29 @@ def _module_patterns():
         utils._get_aten_graph_module_for_pattern = orig
 
 
+def fold_batch_norm_scales(model: nn.Module) -> int:
+    """Move each batch norm's scale into the convolution before it, leaving the batch norm an exact bias add
+    (weight 1, mean 0, var 1 - eps). The function is unchanged; what changes is that the weights QAT fake-
+    quantises are the weights the converters quantise (a batch norm with scale s folded after training would
+    rescale them, and their int8 grid, per channel). -> number of pairs folded."""
+    n = 0
+    with torch.no_grad():
+        for seq in model.modules():
+            kids = list(seq.children())
+            for conv, bn in zip(kids, kids[1:]):
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.affine and bn.track_running_stats:
+                    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                    if conv.bias is not None:
+                        conv.bias.mul_(scale)
+                    bn.bias.copy_(bn.bias - bn.running_mean * scale)
+                    bn.weight.fill_(1.0)
+                    bn.running_mean.zero_()
+                    bn.running_var.fill_(1.0 - bn.eps)
+                    n += 1
+    return n
+
+
 class NamedOutputs(nn.Module):
     """The exported program returns a tuple; training code wants the model's named outputs."""
 
@@ -73,6 +96,8 @@ class QATQuantizer:
         g = self.config.global_config
         if g is None or g.activation_bits is None:
             raise ValueError("QAT here is int8 weights and activations (global_config with activation_bits=8)")
+        self.folded = fold_batch_norm_scales(self.model)
+        bn_scales = {f"model.{n}.weight" for n, m in self.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
         x = torch.zeros(2, 3, self.size, self.size)
         batch = torch.export.Dim("batch", min=1, max=256)
         gm = torch.export.export(TupleOutputs(self.model.eval()), (x,), dynamic_shapes={"x": {0: batch}}).module()
@@ -82,6 +107,9 @@ class QATQuantizer:
             gm = prepare_qat_pt2e(gm, self.quantizer)
         self.gm = move_exported_model_to_eval(gm)  # batch norms frozen; fake quantisation stays on
         self.gm.training = False
+        for name, prm in self.gm.named_parameters():  # batch-norm scales stay 1: the weights keep their int8 grid
+            if name in bn_scales:
+                prm.requires_grad = False
         return NamedOutputs(self.gm, self.model.spec.output_names)
 
     def step(self, n: int | None = None) -> None:
@@ -110,7 +138,7 @@ class QATQuantizer:
 
     def report(self) -> dict:
         fq = sum(1 for m in self.gm.modules() if type(m).__name__.endswith("FakeQuantize")) if self.gm is not None else 0
-        return {"method": "qat", "steps": self.steps, "observe_steps": self.observe_steps, "fake_quantizers": fq,
+        return {"method": "qat", "steps": self.steps, "batch_norms_folded": getattr(self, "folded", 0), "observe_steps": self.observe_steps, "fake_quantizers": fq,
                 "weights": self.config.global_config.weight_granularity if self.config.global_config else None}
 
 

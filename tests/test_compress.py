@@ -163,3 +163,29 @@ def test_qat_run_converts_for_tflite_and_openvino(shared, tmp_path):
 
     with pytest.raises(ConfigError, match="QAT"):
         convert("onnx", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "onnx", progress=False)
+
+
+def test_qat_folds_batch_norm_scales_without_changing_the_function():
+    """Before QAT the batch norms' scales move into the convolutions (what QAT fake-quantises is then what the
+    converters quantise); the model computes the same thing."""
+    import copy
+
+    from edge.contract import ModelSpec
+    from edge.model import RetinaFace
+    from quant.qat import fold_batch_norm_scales
+
+    torch.manual_seed(0)
+    model = RetinaFace(ModelSpec()).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    folded = copy.deepcopy(model)
+    assert fold_batch_norm_scales(folded) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        a, b = model(x), folded(x)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)
+    bns = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.all(m.weight == 1) and torch.all(m.running_mean == 0) for m in bns)
