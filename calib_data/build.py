@@ -76,6 +76,11 @@ def default_set(size: int = 640, n: int = 32, mean=(104, 117, 123)) -> CalibSet:
     return CalibSet(np.stack(imgs), "built-in: scenes composed from Grace Hopper's public-domain portrait (matplotlib wheel)", tuple(names))
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """Every image file under `folder` (recursively, by suffix), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def pick(paths: list[Path], n: int) -> list[Path]:
     """Deterministic choice of n files: the n smallest SHA-1 digests of their names."""
     return sorted(paths, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())[:n]
@@ -85,7 +90,7 @@ def build_from_folder(folder: str | Path, n: int = 64, size: int = 640, mean=(10
     from tqdm import tqdm
 
     folder = Path(folder)
-    paths = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    paths = image_files(folder)
     if not paths:
         raise ConfigError(f"--calib {folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     chosen = pick(paths, n)

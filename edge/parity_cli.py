@@ -45,13 +45,13 @@ def builtin_images(spec) -> list[tuple[str, np.ndarray]]:
 
 
 def folder_images(folder: str | Path, limit: int | None) -> list[tuple[str, np.ndarray]]:
-    from calib_data.build import IMAGE_SUFFIXES
+    from calib_data.build import image_files
     from edge.image_io import load_image
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"--images {folder}: not a folder")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = image_files(folder)
     if limit:
         paths = paths[:limit]
     if not paths:

@@ -60,7 +60,7 @@ def cmd_compress(args) -> int:
 
     import torch
 
-    from calib_data.build import IMAGE_SUFFIXES
+    from calib_data.build import image_files
     from edge.anchors import priors
     from edge.atomic import atomic_file
     from edge.errors import ConfigError
@@ -84,7 +84,7 @@ def cmd_compress(args) -> int:
     if args.labels:
         samples = read_labels(args.labels)
     else:  # distillation only: every image, no faces labelled
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths = image_files(root)
         samples = [Sample(str(p.relative_to(root)), np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32),
                           np.zeros(0, bool)) for p in paths]
     if len(samples) < 2:

@@ -156,8 +156,10 @@ def cmd_train_detector(args) -> int:
 
         meshes = {m.path: (m.boxes, m.meshes) for m in load_mesh_labels(Path(args.mesh_labels))}
     elif model.spec.mesh_vertices:  # no mesh labels: the mesh head is carried along unchanged
+        from edge.train.mesh import MESH_KEYS
+
         for n, prm in model.named_parameters():
-            if n.startswith(("MeshHead.", "mesh_")):
+            if n.startswith(MESH_KEYS):
                 prm.requires_grad = False
     dataset = DetectionDataset(samples, root, model.spec, args.size, augment=None if args.no_augment else AugmentConfig(),
                                seed=args.seed, meshes=meshes)

@@ -227,7 +227,7 @@ def save_mesh_head(model, path: Path) -> str:
 
 
 def cmd_train_mesh(args) -> int:
-    from calib_data.build import IMAGE_SUFFIXES
+    from calib_data.build import image_files
     from edge.anchors import priors
     from edge.mesh import mesh_edges
     from edge.train.loop import TrainConfig, dist_env, train
@@ -247,7 +247,7 @@ def cmd_train_mesh(args) -> int:
     if cache.exists():
         samples = load_labels(cache)
     else:
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths = image_files(root)
         if args.limit:
             paths = paths[: args.limit]
         if not paths:
@@ -264,7 +264,7 @@ def cmd_train_mesh(args) -> int:
     model = with_mesh_head(detector, args.rank)
     model.spec = model.spec.with_input_size(args.size)
     for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(("MeshHead", "mesh_"))
+        p.requires_grad = name.startswith(MESH_KEYS)
     var = model.spec.variances
     pri = torch.from_numpy(priors(args.size, args.size, model.spec.arch.min_sizes, model.spec.steps))
     match_cfg = LossConfig()
