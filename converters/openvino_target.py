@@ -105,8 +105,10 @@ class OpenVINORunner:
         self.name = name
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
-        return {n: np.asarray(self.request.get_tensor(n).data, dtype=np.float32).copy() for n in self.output_names}
+        # shared input and outputs, then one copy of each output (the request reuses its buffers): the default
+        # infer() copies the 4.9 MB input and every output once more (0.4-0.5 ms of a 3.5 ms int8 inference)
+        res = self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True, share_outputs=True)
+        return {n: np.array(res[n], dtype=np.float32) for n in self.output_names}
 
 
 def load_runner(bundle_dir: Path, meta: dict, threads: int | None = None):

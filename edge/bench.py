@@ -1,8 +1,10 @@
 """`edge bench`: latency of bundles, the FP32 PyTorch model and peer detectors, measured the same
 way in one run, with pre-processing, inference and post-processing timed separately.
 
-Runs are interleaved (run k of every candidate, then run k+1) so that drift on a shared machine
-hits all candidates alike. The compute floor is the model's multiply-accumulates divided by the
+Runs are taken in rounds: each round gives every candidate a block of runs (after two untimed ones),
+so drift on a shared machine hits all candidates alike. Not run by run: onnxruntime's worker threads
+spin for a while after each inference and slowed whatever ran next (OpenVINO int8 at 2 threads
+measured 6.1 ms interleaved run by run against 3.6 ms alone). The compute floor is the model's multiply-accumulates divided by the
 peak MAC rate of the same cores through the same runtime's kernels: a 1024^3 matrix product at
 the same thread count in onnxruntime (MatMul / MatMulInteger), TFLite (FULLY_CONNECTED, fp32 or
 int8), OpenVINO (MatMul, f32 or NNCF-quantised) or PyTorch (matmul).
@@ -199,11 +201,28 @@ def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: 
     return out
 
 
+def _timed_run(pipeline, image) -> dict[str, float]:
+    t0 = time.perf_counter()
+    prep = pipeline.preprocess(image)
+    t1 = time.perf_counter()
+    out = pipeline.runner(prep.tensor)
+    t2 = time.perf_counter()
+    pipeline.postprocess(out, prep)
+    t3 = time.perf_counter()
+    return {"pre": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "post": (t3 - t2) * 1e3, "e2e": (t3 - t0) * 1e3}
+
+
 def bench(candidates: list[Candidate], image: np.ndarray, warmup: int, runs: int, threads: int, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
     import resource
 
+    try:  # pre-processing resizes with OpenCV where it is installed: same thread budget as the runtimes
+        import cv2
+
+        cv2.setNumThreads(threads)
+    except ImportError:
+        pass
     added = {}
     for c in candidates:  # resident memory a candidate adds once loaded and warmed (first runs allocate arenas)
         before = rss_mb()
@@ -211,17 +230,18 @@ def bench(candidates: list[Candidate], image: np.ndarray, warmup: int, runs: int
             c.pipeline(image)
         added[c.name] = rss_mb() - before
     times = {c.name: {"pre": [], "infer": [], "post": [], "e2e": []} for c in candidates}
-    for _ in tqdm(range(runs), desc=f"bench {threads} thread(s)", disable=not progress):
+    rounds = min(5, runs)
+    blocks = [runs // rounds + (i < runs % rounds) for i in range(rounds)]
+    bar = tqdm(total=runs * len(candidates), desc=f"bench {threads} thread(s)", disable=not progress)
+    for block in blocks:
         for c in candidates:
-            t0 = time.perf_counter()
-            prep = c.pipeline.preprocess(image)
-            t1 = time.perf_counter()
-            out = c.pipeline.runner(prep.tensor)
-            t2 = time.perf_counter()
-            c.pipeline.postprocess(out, prep)
-            t3 = time.perf_counter()
-            for k, v in (("pre", t1 - t0), ("infer", t2 - t1), ("post", t3 - t2), ("e2e", t3 - t0)):
-                times[c.name][k].append(v * 1e3)
+            for i in range(block + 2):  # the first two untimed: the previous candidate's runtime may still hold the cores
+                t = _timed_run(c.pipeline, image)
+                if i >= 2:
+                    bar.update()
+                    for k, v in t.items():
+                        times[c.name][k].append(v)
+    bar.close()
     peaks = {(c.runtime, c.dtype): peak(c.runtime, threads, c.dtype) for c in candidates if c.macs}
     rows = []
     for c in candidates:

@@ -4,12 +4,23 @@ Two modes, from `ModelSpec.input_size`:
   int S: aspect-preserving resize so the long side is S, placed top-left on an S x S canvas;
   None ("native"): the image at its own size, padded bottom/right to a multiple of 32.
 Padding holds the mean colour, i.e. zeros after normalisation.
+
+The resize is numpy; where OpenCV is importable its float32 INTER_LINEAR resize is used instead: the same
+taps (half-pixel centres, no antialiasing, edge pixels repeated), measured equal to the numpy result and
+about 7x faster (720x1280 -> 360x640: 0.5 ms against 3.6 ms), which was most of the end-to-end time of
+an int8 model. `RETINAFACE_EDGE_NUMPY_RESIZE=1` forces the numpy path.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+try:
+    import cv2 as _cv2
+except ImportError:  # numpy only (a device without OpenCV): same numbers, slower
+    _cv2 = None
 
 from edge.contract import ModelSpec
 
@@ -43,6 +54,14 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """(H, W, C) uint8/float -> (height, width, C) float32, bilinear."""
     if image.shape[:2] == (height, width):
         return image.astype(np.float32)
+    if _cv2 is not None and image.ndim == 3 and image.shape[2] <= 4 and not os.environ.get("RETINAFACE_EDGE_NUMPY_RESIZE"):
+        out = _cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (width, height), interpolation=_cv2.INTER_LINEAR)
+        return out.reshape(height, width, image.shape[2])
+    return resize_numpy(image, height, width)
+
+
+def resize_numpy(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """resize_bilinear without OpenCV."""
     y0, y1, fy = _axis_weights(image.shape[0], height)
     x0, x1, fx = _axis_weights(image.shape[1], width)
     # gather the needed rows before converting to float: a downscale touches only 2 * height rows

@@ -5,7 +5,7 @@ from edge.anchors import decode_boxes, decode_points, encode_boxes, encode_point
 from edge.contract import FACE_DETECTOR_1MB, PYTORCH_RETINAFACE
 from edge.pipeline import Pipeline, PostConfig
 from edge.postprocess import box_iou, nms
-from edge.preprocess import prepare, resize_bilinear
+from edge.preprocess import prepare, resize_bilinear, resize_numpy
 from edge.runners import TorchRunner
 
 from . import torch_reference as ref
@@ -113,6 +113,18 @@ def test_resize_matches_half_pixel_bilinear():
     np.testing.assert_allclose(out, [[2.5, 4.5], [10.5, 12.5]])
     up = resize_bilinear(np.array([[0.0, 10.0]], np.float32)[..., None], 1, 4)[0, :, 0]
     np.testing.assert_allclose(up, [0.0, 2.5, 7.5, 10.0])
+    for resize in (resize_bilinear, resize_numpy):  # the OpenCV fast path (where installed) and numpy agree
+        np.testing.assert_allclose(resize(img, 2, 2)[..., 0], [[2.5, 4.5], [10.5, 12.5]])
+
+
+def test_opencv_and_numpy_resize_agree():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        h, w, oh, ow = (int(v) for v in rng.integers(1, 200, 4))
+        img = rng.integers(0, 256, (h, w, int(rng.choice([1, 3]))), dtype=np.uint8)
+        a, b = resize_bilinear(img, oh, ow), resize_numpy(img, oh, ow)
+        assert a.shape == b.shape == (oh, ow, img.shape[2]) and a.dtype == b.dtype == np.float32
+        np.testing.assert_allclose(a, b, atol=1e-3)
 
 
 def test_image_without_faces_gives_empty_detections(default_model):
