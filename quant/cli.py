@@ -54,6 +54,35 @@ def _student_step(teacher, pri, loss_cfg, distill_weight: float, use_gt: bool):
     return step
 
 
+def parse_module_ratios(items: list[str]) -> dict[str, float]:
+    """["body=0", "fpn=0.5"] -> {"body": 0.0, "fpn": 0.5}; ConfigError on anything else."""
+    from edge.errors import ConfigError
+
+    out = {}
+    for it in items:
+        name, eq, val = it.partition("=")
+        try:
+            r = float(val)
+        except ValueError:
+            r = None
+        if not eq or not name or r is None or not 0.0 <= r < 1.0:
+            raise ConfigError(f"--prune-module {it!r}: expected NAME=RATIO with RATIO in [0, 1), e.g. body=0 or fpn=0.5")
+        out[name] = r
+    return out
+
+
+def check_module_names(model, names) -> None:
+    """Every name must be a module of the model (exact or a dotted prefix of one): a typo would otherwise
+    silently prune at the global ratio, or freeze nothing."""
+    from edge.errors import ConfigError
+
+    have = {n for n, _ in model.named_modules() if n}
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        tops = sorted({n.split(".")[0] for n in have})
+        raise ConfigError(f"no module named {', '.join(map(repr, unknown))} in the model (top-level modules: {', '.join(tops)})")
+
+
 def cmd_compress(args) -> int:
     import copy
     import random
@@ -75,8 +104,11 @@ def cmd_compress(args) -> int:
     root = Path(args.images)
     if not root.is_dir():
         raise ConfigError(f"--images {root}: not a folder")
-    if not 0.0 < args.prune < 1.0:
-        raise ConfigError(f"--prune must be in (0, 1), got {args.prune}")
+    if not 0.0 <= args.prune < 1.0:
+        raise ConfigError(f"--prune must be in [0, 1), got {args.prune}")
+    overrides = parse_module_ratios(args.prune_module or [])
+    if args.prune == 0.0 and not any(overrides.values()):
+        raise ConfigError("nothing to prune: --prune 0 and no --prune-module NAME=RATIO above 0")
     if args.stages < 1:
         raise ConfigError("--stages must be positive")
     if args.size % 32:
@@ -98,6 +130,7 @@ def cmd_compress(args) -> int:
     if env.world > 1 and args.importance == "taylor":
         raise ConfigError("--importance taylor ranks channels on each process's own batch; use magnitude under torchrun")
     teacher, info = load_weights(args.weights, arch=args.arch)
+    check_module_names(teacher, [*overrides, *(args.freeze or [])])
     spec = teacher.spec.with_input_size(args.size)
     teacher.spec = spec
     teacher.to(env.device).eval()
@@ -129,7 +162,7 @@ def cmd_compress(args) -> int:
             shrink_to(student, read_state_dict(last))
             rep = {"stage": k, "resumed": "from last.pth"}
         else:
-            pcfg = stage_config(teacher, student, args.prune * k / args.stages, args.importance)
+            pcfg = stage_config(teacher, student, args.prune, args.importance, overrides=overrides, progress=k / args.stages)
             pruner = Pruner(student, pcfg, args.size)
             pruner.prepare()
             if args.importance == "taylor":
@@ -139,8 +172,9 @@ def cmd_compress(args) -> int:
                 pruner.step()
             student, rep = pruner.model, {"stage": k, **{key: v for key, v in pruner.report().items() if key != "conv_widths"}}
         student.spec = spec
-        for n, prm in student.named_parameters():  # the mesh decoder (mean, basis) stays the teacher's
-            prm.requires_grad = not n.startswith(("mesh_mean", "mesh_basis"))
+        frozen = ("mesh_mean", "mesh_basis", *(f"{f}." for f in args.freeze or []))
+        for n, prm in student.named_parameters():  # the mesh decoder (mean, basis) stays the teacher's; --freeze
+            prm.requires_grad = not n.startswith(frozen)
         reports.append(rep)
         if env.main:
             print(f"stage {k}/{args.stages}: pruned to {sum(p.numel() for p in student.parameters()):,} parameters", file=sys.stderr)
@@ -148,7 +182,8 @@ def cmd_compress(args) -> int:
                           weight_decay=args.weight_decay if args.weight_decay is not None else 1e-4, warmup=args.warmup,
                           workers=args.workers, seed=args.seed + k, save_every=args.save_every, bn=args.bn or "frozen",
                           amp=args.amp, tf32=args.tf32, progress=not args.quiet,
-                          extra={"stage": k, "stages": args.stages, "prune": args.prune, "importance": args.importance,
+                          extra={"stage": k, "stages": args.stages, "prune": args.prune, "prune_module": overrides,
+                                 "freeze": list(args.freeze or []), "importance": args.importance,
                                  "labels": str(args.labels) if args.labels else None, "distill_weight": args.distill_weight,
                                  "images": len(train_set)})
         meta = {"format": 1, "kind": "pruned", "arch": info.arch.name, "teacher": {"name": info.name, "sha256": info.sha256},
@@ -167,10 +202,16 @@ def cmd_compress(args) -> int:
         else:
             q = QATQuantizer(student, size=args.size, observe_steps=args.observe_steps)
             net = q.prepare()
+            if not args.observe_steps:  # activation ranges as PTQ sets them, on the calibration set edge-convert uses
+                from calib_data.build import load_calibration
+
+                cs = load_calibration(args.calib, args.size, args.calib_count, spec.mean, progress=not args.quiet)
+                q.calibrate(cs.tensors(spec))
             cfg = TrainConfig(out=str(qdir), iters=args.qat_steps, batch=args.batch, lr=args.qat_lr, optimizer="adamw",
                               weight_decay=0.0, warmup=min(args.warmup, args.qat_steps), workers=args.workers, seed=args.seed + 100,
                               save_every=args.save_every, bn="frozen", progress=not args.quiet,
-                              extra={"qat_steps": args.qat_steps, "observe_steps": args.observe_steps, "images": len(train_set)})
+                              extra={"qat_steps": args.qat_steps, "observe_steps": args.observe_steps, "images": len(train_set),
+                                     "calib": None if args.observe_steps else (args.calib or "built-in"), "calib_count": args.calib_count})
             last = qdir / "last.pth"
             train(net, dataset, collate, step, cfg, meta={"format": 1, "kind": "qat-run", "arch": info.arch.name},
                   resume=last if last.exists() and args.resume else None, env=env, after_step=q.step)
@@ -241,6 +282,10 @@ def register(sub) -> None:
     p.add_argument("--images", required=True, help="training images (a held-out part validates)")
     p.add_argument("--labels", default=None, help="WIDER-format labels for --images: adds the multi-task loss on ground truth")
     p.add_argument("--prune", type=float, default=0.3, help="fraction of channels removed (multiples of 8 kept)")
+    p.add_argument("--prune-module", action="append", metavar="NAME=RATIO",
+                   help="ratio for a module and everything under it (longest name wins), e.g. body=0 fpn=0.5; repeatable")
+    p.add_argument("--freeze", action="append", metavar="NAME",
+                   help="do not train the parameters under this module (e.g. body, with --prune-module body=0); repeatable")
     p.add_argument("--stages", type=int, default=1, help="iterative pruning: prune, fine-tune, prune again ...")
     p.add_argument("--importance", choices=("magnitude", "taylor"), default="magnitude")
     p.add_argument("--distill-weight", type=float, default=1.0)
@@ -249,6 +294,11 @@ def register(sub) -> None:
     p.add_argument("--val", type=int, default=100, help="held-out images")
     p.add_argument("--qat-steps", type=int, default=0, help="then quantisation-aware training for this many steps (OUT/qat.pth)")
     p.add_argument("--qat-lr", type=float, default=2e-5)
-    p.add_argument("--observe-steps", type=int, default=50, help="QAT steps before the activation ranges freeze")
+    p.add_argument("--observe-steps", type=int, default=0,
+                   help="0: QAT activation ranges calibrated as PTQ does (histograms over --calib), then frozen; "
+                   "N: moving-average min/max over the first N training steps instead")
+    p.add_argument("--calib", default=None, help="QAT calibration images: a folder or a built .npz (default: the built-in set, "
+                   "as edge-convert)")
+    p.add_argument("--calib-count", type=int, default=32)
     add_train_args(p)
     p.set_defaults(func=cmd_compress)

@@ -89,17 +89,22 @@ class Pruner:
 
 
 def stage_config(reference: RetinaFace, current: RetinaFace, ratio: float, importance: str = "magnitude",
-                 round_to: int = 8) -> PruneConfig:
-    """Iterative pruning: per-layer ratios that take `current` to `ratio` of the `reference` model's widths
-    (each rounded to a multiple of round_to). Ratios relative to the current widths would round away on
-    narrow layers at small per-stage steps (15 % of 64 channels rounds back to 64)."""
+                 round_to: int = 8, overrides: dict[str, float] | None = None, progress: float = 1.0) -> PruneConfig:
+    """Iterative pruning: per-layer ratios that take `current` to `progress` x the final ratio of the
+    `reference` model's widths (each rounded to a multiple of round_to). The final ratio of a layer is
+    `ratio`, or that of the longest matching name (exact or dotted prefix) in `overrides` ({"body": 0.0,
+    "fpn": 0.5}). Ratios relative to the current widths would round away on narrow layers at small
+    per-stage steps (15 % of 64 channels rounds back to 64)."""
     heads = PruneConfig().module_name_configs
+    overrides = overrides or {}
     ref = {n: m.out_channels for n, m in reference.named_modules() if isinstance(m, nn.Conv2d)}
     per = {}
     for n, m in current.named_modules():
         if not isinstance(m, nn.Conv2d) or n.split(".")[0] in heads or n not in ref:
             continue
-        target = max(round_to, int(round(ref[n] * (1.0 - ratio) / round_to)) * round_to)
+        hits = [p for p in overrides if n == p or n.startswith(p + ".")]
+        final = overrides[max(hits, key=len)] if hits else ratio
+        target = max(round_to, int(round(ref[n] * (1.0 - final * progress) / round_to)) * round_to)
         if target < m.out_channels:
             per[n] = PruneOpConfig(1.0 - target / m.out_channels, importance)
     return PruneConfig(global_config=PruneOpConfig(0.0, importance), module_name_configs={**heads, **per}, round_to=round_to)

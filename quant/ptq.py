@@ -10,17 +10,42 @@ import torch
 from edge.model import TupleOutputs
 
 
+# litert-torch's configs floor every scale at 2**-12. The first convolution sees raw pixels (mean subtracted,
+# not divided): its weights are ~1e-3, per-channel scales ~1e-5, so that floor left 1 to 20 int8 levels per
+# channel (measured on the default model). Weight scales get a float32-safe floor instead; activations keep it.
+WEIGHT_SCALE_EPS = 2.0 ** -24
+
+
+def quantization_config(per_channel: bool = True, qat: bool = False):
+    """litert-torch's symmetric int8 config (per-channel weights, per-tensor activations), weight scale floor lowered."""
+    import dataclasses
+
+    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
+
+    cfg = get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat)
+    w = cfg.weight
+    ctr = w.observer_or_fake_quant_ctr.p  # the observer (or fake-quantize) class and its arguments
+    kwargs = {**ctr.keywords, "eps": WEIGHT_SCALE_EPS}
+    if qat:  # the fused fake-quantize op floors scales at 2**-14 on its own: the plain one asks its observer
+        from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+
+        ctr = FakeQuantize.with_args(**kwargs)
+    else:
+        ctr = ctr.func.with_args(**kwargs)
+    return dataclasses.replace(cfg, weight=dataclasses.replace(w, observer_or_fake_quant_ctr=ctr))
+
+
 def pt2e_calibrated(model, spec, calib, progress: bool = True):
     """-> (prepared-and-observed GraphModule, quantizer). Finish with `converted` (fold_quantize=False
     for litert-torch, True for coremltools)."""
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from tqdm import tqdm
 
     size = spec.input_size
     x = torch.zeros(1, 3, size, size)
     gm = torch.export.export(TupleOutputs(model).eval(), (x,)).module()
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantizer = PT2EQuantizer().set_global(quantization_config())
     gm = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
         for t in tqdm(list(calib.tensors(spec)), desc="calibrating", unit="img", disable=not progress):

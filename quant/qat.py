@@ -4,7 +4,13 @@ per-tensor activations) trained by distillation from the FP32 model, then conver
 
 prepare -> train, calling step() after every optimiser step -> finalize, and report(). Batch norms are
 frozen (running statistics fixed: batches here are small, and batch-norm training at batch 1 ruins the
-model) and the observers run for `observe_steps` steps, then their ranges are frozen too.
+model).
+
+Activation ranges: `calibrate(images)` sets them as PTQ does (histogram observers over real, un-augmented
+images, fake quantisation off) and freezes them for training; weight ranges keep following the weights.
+Without it the moving-average min/max observers run on the training batches for `observe_steps` steps and
+are then frozen; measured on the 30 %-pruned model, that lost to PTQ (OpenVINO 63.83 / 53.70 / 23.72 against
+66.04 / 55.26 / 24.53 WIDER AP): min/max ranges of augmented crops are wider than the histogram's.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from torch import nn
 
 from edge.model import TupleOutputs
 from quant.config import QuantConfig
+from quant.ptq import quantization_config
 
 
 @contextmanager
@@ -89,7 +96,7 @@ class QATQuantizer:
 
     def prepare(self) -> NamedOutputs:
         """-> the fake-quantised model (named outputs), ready to train."""
-        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
@@ -101,8 +108,7 @@ class QATQuantizer:
         x = torch.zeros(2, 3, self.size, self.size)
         batch = torch.export.Dim("batch", min=1, max=256)
         gm = torch.export.export(TupleOutputs(self.model.eval()), (x,), dynamic_shapes={"x": {0: batch}}).module()
-        self.quantizer = PT2EQuantizer().set_global(
-            get_symmetric_quantization_config(is_per_channel=g.weight_granularity == "per_channel", is_qat=True))
+        self.quantizer = PT2EQuantizer().set_global(quantization_config(g.weight_granularity == "per_channel", qat=True))
         with _module_patterns():
             gm = prepare_qat_pt2e(gm, self.quantizer)
         self.gm = move_exported_model_to_eval(gm)  # batch norms frozen; fake quantisation stays on
@@ -112,12 +118,69 @@ class QATQuantizer:
                 prm.requires_grad = False
         return NamedOutputs(self.gm, self.model.spec.output_names)
 
+    def _fake_quantizers(self):
+        """-> (activation, weight) fake-quantise modules. Weights are quantised symmetric (per channel by
+        default), activations per-tensor affine: the quantizer's config tells them apart."""
+        acts, weights = [], []
+        for m in self.gm.modules():
+            if hasattr(m, "fake_quant_enabled") and hasattr(m, "qscheme"):
+                (acts if m.qscheme == torch.per_tensor_affine else weights).append(m)
+        return acts, weights
+
+    def calibrate(self, tensors) -> int:
+        """Activation ranges from PTQ's histogram observers over `tensors` ((1, 3, H, W) float32 arrays: real
+        images, letterboxed, not augmented), float forward passes as in PTQ; the ranges are then frozen for
+        training. -> number of activation quantizers set."""
+        if self.gm is None:
+            raise RuntimeError("call prepare() first")
+        ctr = quantization_config().output_activation.observer_or_fake_quant_ctr
+        acts, weights = self._fake_quantizers()
+        observers, hooks = [], []
+        for fq in acts:
+            obs = ctr(dtype=fq.dtype, qscheme=fq.qscheme, quant_min=fq.quant_min, quant_max=fq.quant_max)
+            observers.append(obs)
+            hooks.append(fq.register_forward_pre_hook(lambda mod, args, obs=obs: obs(args[0].detach())))
+        for fq in acts + weights:  # float forward passes, as PTQ observes; weight observers record the weights' ranges
+            fq.disable_fake_quant()
+            if fq in acts:
+                fq.disable_observer()
+            else:
+                fq.enable_observer()
+        n = 0
+        try:
+            with torch.no_grad():
+                for t in tensors:
+                    self.gm(torch.from_numpy(t))
+                    n += 1
+        finally:
+            for h in hooks:
+                h.remove()
+        if not n:
+            raise ValueError("calibrate() needs at least one image")
+        for fq, obs in zip(acts, observers):
+            scale, zero_point = obs.calculate_qparams()
+            fq.scale.resize_(scale.shape).copy_(scale)
+            fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
+            # convert_pt2e reads the range from the inner observer's min/max, not from fq.scale: give it the
+            # range whose affine parameters are exactly these (zero point inside [qmin, qmax]: min <= 0 <= max)
+            inner = fq.activation_post_process
+            zp = zero_point.to(scale.dtype)
+            inner.min_val.resize_(scale.shape).copy_((fq.quant_min - zp) * scale)
+            inner.max_val.resize_(scale.shape).copy_((fq.quant_max - zp) * scale)
+            fq.enable_fake_quant()  # observer stays off: the range is the calibrated one
+        for fq in weights:
+            fq.enable_fake_quant()
+        self.calibrated = n
+        return len(acts)
+
     def step(self, n: int | None = None) -> None:
         """Call after each optimiser step (n: the step count, when resuming): the observers' ranges are frozen
         once observe_steps steps are done."""
         from torchao.quantization.pt2e import disable_observer
 
         self.steps = self.steps + 1 if n is None else n
+        if getattr(self, "calibrated", 0):  # activation ranges fixed by calibrate(); weight ranges follow the weights
+            return
         if self.steps >= self.observe_steps:
             self.gm.apply(disable_observer)
 
@@ -138,7 +201,7 @@ class QATQuantizer:
 
     def report(self) -> dict:
         fq = sum(1 for m in self.gm.modules() if type(m).__name__.endswith("FakeQuantize")) if self.gm is not None else 0
-        return {"method": "qat", "steps": self.steps, "batch_norms_folded": getattr(self, "folded", 0), "observe_steps": self.observe_steps, "fake_quantizers": fq,
+        return {"method": "qat", "steps": self.steps, "calibration_images": getattr(self, "calibrated", 0), "batch_norms_folded": getattr(self, "folded", 0), "observe_steps": self.observe_steps, "fake_quantizers": fq,
                 "weights": self.config.global_config.weight_granularity if self.config.global_config else None}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from edge.weights import load_weights
 
@@ -189,3 +190,67 @@ def test_qat_folds_batch_norm_scales_without_changing_the_function():
     assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)
     bns = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(torch.all(m.weight == 1) and torch.all(m.running_mean == 0) for m in bns)
+
+
+def test_stage_config_per_module_ratios_and_cli_checks(default_model):
+    """--prune-module NAME=RATIO: the longest matching name sets a layer's final ratio (body=0 keeps the backbone);
+    the stage's share of it follows progress; typos and bad ratios are ConfigErrors before any work."""
+    import copy
+
+    from edge.errors import ConfigError
+    from quant.cli import check_module_names, parse_module_ratios
+    from quant.prune import Pruner, stage_config
+
+    model, _ = default_model
+    student = copy.deepcopy(model)
+    for p in student.parameters():
+        p.requires_grad = True
+    overrides = parse_module_ratios(["body=0", "fpn=0.5", "fpn.merge1=0.25"])
+    assert overrides == {"body": 0.0, "fpn": 0.5, "fpn.merge1": 0.25}
+    half = stage_config(model, student, 0.3, overrides=overrides, progress=0.5)
+    names = set(half.module_name_configs)
+    assert not any(n.startswith("body.") for n in names) and "fpn.output1.0" in names and "ssh1.conv3X3.0" in names
+    pr = Pruner(student, stage_config(model, student, 0.3, overrides=overrides), 320)
+    pr.prepare()
+    pr.step()
+    w = {n: m.out_channels for n, m in student.named_modules() if isinstance(m, nn.Conv2d)}
+    ref = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert all(w[n] == ref[n] for n in ref if n.startswith("body."))  # backbone untouched
+    assert w["ssh1.conv3X3.0"] == 24  # 32 at the global 0.3 -> 22.4 -> 24
+    for bad in (["fpn"], ["fpn=1.0"], ["=0.5"], ["fpn=x"]):
+        with pytest.raises(ConfigError, match="NAME=RATIO"):
+            parse_module_ratios(bad)
+    with pytest.raises(ConfigError, match="no module named 'bodyy'"):
+        check_module_names(model, ["body", "fpn.merge1", "bodyy"])
+
+
+@pytest.mark.qat
+def test_qat_calibration_sets_activation_ranges_as_ptq_does(default_model):
+    """QATQuantizer.calibrate: histogram ranges over real images (the input quantiser gets exactly PTQ's range),
+    activation observers then stay off through training steps, weight fake-quantisation on."""
+    import copy
+
+    from calib_data.build import load_calibration
+    from quant.ptq import pt2e_calibrated
+    from quant.qat import QATQuantizer
+
+    model, _ = default_model
+    m = copy.deepcopy(model)
+    m.spec = m.spec.with_input_size(160)
+    cs = load_calibration(None, 160, 4, m.spec.mean, progress=False)
+    q = QATQuantizer(m, size=160)
+    q.prepare()
+    acts, weights = q._fake_quantizers()
+    assert q.calibrate(cs.tensors(m.spec)) == len(acts) > 100 and len(weights) == 59
+    q.step()
+    assert all(int(f.observer_enabled) == 0 and int(f.fake_quant_enabled) == 1 for f in acts)
+    assert all(int(f.fake_quant_enabled) == 1 and torch.isfinite(f.scale).all() for f in weights)
+    assert all(float(f.scale) > 0 for f in acts)
+    gm, _ = pt2e_calibrated(copy.deepcopy(model), m.spec, cs, progress=False)
+    first = lambda g: next(g.get_submodule(n.target) for n in g.graph.nodes  # noqa: E731
+                           if n.op == "call_module" and n.args and n.args[0].op == "placeholder")
+    ptq_scale, _ = first(gm).calculate_qparams()
+    assert torch.allclose(first(q.gm).scale, ptq_scale)
+    for f in acts:  # what convert_pt2e reads: the inner observer's range gives the same parameters
+        scale, zp = f.calculate_qparams()
+        assert torch.allclose(scale, f.scale) and torch.equal(zp.int(), f.zero_point.int())
