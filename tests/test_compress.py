@@ -45,6 +45,34 @@ def test_pruned_checkpoint_round_trip(default_model, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_shipped_pruned_registry_entry(default_model, tmp_path, monkeypatch):
+    """A registry entry with `file`: the float16 .npz written by save_shipped loads by name (widths from the file),
+    with or without its mesh head, and is refused when its SHA-256 does not match."""
+    from edge.errors import WeightsError
+    from edge.weights import REGISTRY, WeightsEntry, save_shipped
+    from quant.prune import PruneConfig, compress
+
+    model, info = default_model
+    pruned, _ = compress(model, PruneConfig.uniform(0.3), size=160)
+    f = tmp_path / "p.npz"
+    sha = save_shipped(pruned, f)
+    entry = WeightsEntry(name="test-pruned", arch=info.arch, source="test", license="MIT", sha256=sha,
+                         params=sum(p.numel() for p in pruned.parameters()), file=str(f), kind="pruned")
+    monkeypatch.setitem(REGISTRY, "test-pruned", entry)
+    loaded, li = load_weights("test-pruned")
+    assert li.known and li.kind == "pruned" and li.params == entry.params
+    x = torch.randn(1, 3, 160, 160) * 50
+    with torch.no_grad():
+        a, b = pruned.eval()(x), loaded(x)
+        c = load_weights("test-pruned", mesh=False)[0](x)
+    for k in a:  # float16 storage
+        assert torch.allclose(a[k], b[k], atol=0.05 * float(a[k].abs().max()) + 1e-3), k
+    assert "mesh" in a and "mesh" not in c and torch.equal(c["conf"], b["conf"])
+    f.write_bytes(f.read_bytes()[:-1] + b"x")
+    with pytest.raises(WeightsError, match="SHA-256"):
+        load_weights("test-pruned")
+
+
 def test_compress_cli_kill_and_resume(shared, tmp_path):
     """Tiny settings (two stages of 3 steps, 320 px): SIGKILL at any point leaves final.pth absent or whole, and
     --resume finishes the run: stage 2 narrower than stage 1, both narrower than the teacher."""
