@@ -25,6 +25,17 @@ def test_fp32_bundles_pass_with_recall_1(bundles, shared, tmp_path, target):
     assert s["images"] == 3 and s["reference_device"] == "cpu" and s["tensors"]["loc"]["max_abs"] < 1e-3
 
 
+def test_parity_against_another_model(bundles, tmp_path, capsys):
+    """--against: the reference is any FP32 model by name or path (here the registry's default, which this bundle
+    was converted from: recall 1), named in the summary; with --weights as well it is a ConfigError."""
+    out = tmp_path / "p.json"
+    rc = cli.main(["parity", str(bundles("onnx", "fp32")), "--against", "default", "--json", str(out), "--quiet"])
+    s = json.loads(out.read_text())
+    assert rc == 0 and s["against"].startswith("default [") and s["recall"] == 1.0
+    assert "not the bundle's own weights" in capsys.readouterr().out
+    assert cli.main(["parity", str(bundles("onnx", "fp32")), "--against", "default", "--weights", "default", "--quiet"]) == 2
+
+
 def test_report_written(bundles, tmp_path, capsys):
     rc = cli.main(["parity", str(bundles("tflite", "int8")), "--report", str(tmp_path / "rep"), "--quiet"])
     assert rc == 0
