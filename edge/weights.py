@@ -28,6 +28,9 @@ from edge.errors import ConfigError, WeightsError
 from edge.model import RetinaFace
 
 
+MESH_KEYS = ("MeshHead.", "mesh_mean", "mesh_basis")  # state_dict names of the mesh head
+
+
 @dataclass(frozen=True)
 class MeshHeadEntry:
     """A trained low-rank mesh head shipped with the project (`edge/data/`), added to a detector entry.
@@ -407,16 +410,21 @@ def _default_state(model: RetinaFace) -> tuple[dict[str, torch.Tensor], Path]:
     return state, cached
 
 
-def read_mesh_head(entry: MeshHeadEntry) -> dict[str, torch.Tensor]:
-    """The shipped mesh head's tensors (float32), after checking the file's SHA-256."""
+def _read_shipped_npz(path: Path, sha256: str, what: str) -> dict[str, torch.Tensor]:
+    """Tensors (float32) of a file shipped in edge/data, read without pickle after checking its SHA-256."""
     import numpy as np
 
-    if not entry.path.is_file():
-        raise WeightsError(f"the mesh head file {entry.path} is missing (a broken install?)")
-    if sha256_file(entry.path) != entry.sha256:
-        raise WeightsError(f"the mesh head file {entry.path.name} does not match its SHA-256 in the registry")
-    with np.load(entry.path, allow_pickle=False) as z:
+    if not path.is_file():
+        raise WeightsError(f"the {what} file {path} is missing (a broken install?)")
+    if sha256_file(path) != sha256:
+        raise WeightsError(f"the {what} file {path.name} does not match its SHA-256 in the registry")
+    with np.load(path, allow_pickle=False) as z:
         return {k: torch.from_numpy(z[k].astype(np.float32)) for k in z.files}
+
+
+def read_mesh_head(entry: MeshHeadEntry) -> dict[str, torch.Tensor]:
+    """The shipped mesh head's tensors (float32), after checking the file's SHA-256."""
+    return _read_shipped_npz(entry.path, entry.sha256, "mesh head")
 
 
 def load_weights(
@@ -504,21 +512,14 @@ def save_shipped(model: RetinaFace, path: str | Path) -> str:
 
 
 def _load_shipped(entry: WeightsEntry, arch: str | None, mesh: bool) -> tuple[RetinaFace, LoadedWeights]:
-    import numpy as np
-
     if arch is not None and arch != entry.arch.name:
         raise ConfigError(f"weights {entry.name!r} use the {entry.arch.name} configuration, not {arch}")
-    if not entry.path.is_file():
-        raise WeightsError(f"the weights file {entry.path} of {entry.name!r} is missing (a broken install?)")
-    if sha256_file(entry.path) != entry.sha256:
-        raise WeightsError(f"the weights file {entry.path.name} does not match its SHA-256 in the registry")
-    with np.load(entry.path, allow_pickle=False) as z:
-        state = {k: torch.from_numpy(z[k].astype(np.float32)) for k in z.files}
+    state = _read_shipped_npz(entry.path, entry.sha256, f"{entry.name!r} weights")
     rank = vertices = 0
     if mesh and "mesh_basis" in state:
         rank, vertices = int(state["mesh_basis"].shape[0]), int(state["mesh_basis"].shape[1]) // 3
     else:
-        state = {k: v for k, v in state.items() if k.split(".")[0] not in MESH_STATE_PREFIXES}
+        state = {k: v for k, v in state.items() if not k.startswith(MESH_KEYS)}
     model = RetinaFace(ModelSpec(arch=entry.arch, mesh_vertices=vertices, mesh_rank=rank))
     if entry.kind == "pruned":
         from quant.prune import shrink_to
@@ -529,9 +530,6 @@ def _load_shipped(entry: WeightsEntry, arch: str | None, mesh: bool) -> tuple[Re
     load_into(model, state, f"weights {entry.name!r}")
     return model.eval(), LoadedWeights(entry.name, str(entry.path), entry.sha256, entry.arch, True, count_params(model),
                                        kind=entry.kind)
-
-
-MESH_STATE_PREFIXES = ("MeshHead", "mesh_mean", "mesh_basis")
 
 
 def count_params(model: torch.nn.Module) -> int:

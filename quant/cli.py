@@ -71,18 +71,6 @@ def parse_module_ratios(items: list[str]) -> dict[str, float]:
     return out
 
 
-def check_module_names(model, names) -> None:
-    """Every name must be a module of the model (exact or a dotted prefix of one): a typo would otherwise
-    silently prune at the global ratio, or freeze nothing."""
-    from edge.errors import ConfigError
-
-    have = {n for n, _ in model.named_modules() if n}
-    unknown = [n for n in names if n not in have]
-    if unknown:
-        tops = sorted({n.split(".")[0] for n in have})
-        raise ConfigError(f"no module named {', '.join(map(repr, unknown))} in the model (top-level modules: {', '.join(tops)})")
-
-
 def cmd_compress(args) -> int:
     import copy
     import random
@@ -99,6 +87,7 @@ def cmd_compress(args) -> int:
     from edge.train.loop import TrainConfig, dist_env, train
     from edge.train.multibox import LossConfig
     from edge.weights import load_weights, read_state_dict
+    from quant.config import check_module_names
     from quant.prune import Pruner, shrink_to, stage_config
 
     root = Path(args.images)

@@ -52,6 +52,16 @@ class QuantOpConfig:
 T = TypeVar("T")
 
 
+def check_module_names(model: nn.Module, names) -> None:
+    """Every name must be a module of the model (exact; a prefix of others' names): a typo would otherwise
+    silently prune at the global ratio, or freeze nothing. -> ConfigError naming them."""
+    have = {n for n, _ in model.named_modules() if n}
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        tops = sorted({n.split(".")[0] for n in have})
+        raise ConfigError(f"no module named {', '.join(map(repr, unknown))} in the model (top-level modules: {', '.join(tops)})")
+
+
 @dataclass
 class ModuleConfigs(Generic[T]):
     """global_config < module_type_configs (class name) < module_name_configs (exact name or dotted prefix;
@@ -73,10 +83,7 @@ class ModuleConfigs(Generic[T]):
     def resolve(self, model: nn.Module, kinds: tuple[type, ...]) -> dict[str, T | None]:
         """name -> config for every module of the given kinds; unknown names in the overrides are an error
         (a typo would otherwise silently prune at the global ratio)."""
-        names = {n for n, _ in model.named_modules()}
-        unknown = [p for p in self.module_name_configs if p not in names and p not in HEADS]
-        if unknown:
-            raise ConfigError(f"module_name_configs names modules the model does not have: {', '.join(unknown)}")
+        check_module_names(model, [p for p in self.module_name_configs if p not in HEADS])
         return {n: self.config_for(n, m) for n, m in model.named_modules() if isinstance(m, kinds)}
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edge.model import RetinaFace, TupleOutputs
-from quant.config import HEADS, PruneConfig, PruneOpConfig  # noqa: F401 - PruneOpConfig re-exported
+from quant.config import HEADS, ModuleConfigs, PruneConfig, PruneOpConfig  # noqa: F401 - PruneOpConfig re-exported
 
 
 class Pruner:
@@ -96,14 +96,13 @@ def stage_config(reference: RetinaFace, current: RetinaFace, ratio: float, impor
     "fpn": 0.5}). Ratios relative to the current widths would round away on narrow layers at small
     per-stage steps (15 % of 64 channels rounds back to 64)."""
     heads = PruneConfig().module_name_configs
-    overrides = overrides or {}
+    finals = ModuleConfigs(global_config=ratio, module_name_configs=dict(overrides or {}))  # longest name wins
     ref = {n: m.out_channels for n, m in reference.named_modules() if isinstance(m, nn.Conv2d)}
     per = {}
     for n, m in current.named_modules():
         if not isinstance(m, nn.Conv2d) or n.split(".")[0] in heads or n not in ref:
             continue
-        hits = [p for p in overrides if n == p or n.startswith(p + ".")]
-        final = overrides[max(hits, key=len)] if hits else ratio
+        final = finals.config_for(n, m)
         target = max(round_to, int(round(ref[n] * (1.0 - final * progress) / round_to)) * round_to)
         if target < m.out_channels:
             per[n] = PruneOpConfig(1.0 - target / m.out_channels, importance)

@@ -226,7 +226,8 @@ def test_stage_config_per_module_ratios_and_cli_checks(default_model):
     import copy
 
     from edge.errors import ConfigError
-    from quant.cli import check_module_names, parse_module_ratios
+    from quant.cli import parse_module_ratios
+    from quant.config import check_module_names
     from quant.prune import Pruner, stage_config
 
     model, _ = default_model

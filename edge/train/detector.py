@@ -156,7 +156,7 @@ def cmd_train_detector(args) -> int:
 
         meshes = {m.path: (m.boxes, m.meshes) for m in load_mesh_labels(Path(args.mesh_labels))}
     elif model.spec.mesh_vertices:  # no mesh labels: the mesh head is carried along unchanged
-        from edge.train.mesh import MESH_KEYS
+        from edge.weights import MESH_KEYS
 
         for n, prm in model.named_parameters():
             if n.startswith(MESH_KEYS):

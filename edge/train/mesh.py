@@ -22,9 +22,8 @@ import torch
 
 from edge.errors import ConfigError
 from edge.mesh import MESH_VERTICES
-
-MESH_KEYS = ("MeshHead.", "mesh_mean", "mesh_basis")  # state_dict names of the mesh head
 from edge.train.data import EpochDataset
+from edge.weights import MESH_KEYS
 
 
 @dataclass
