@@ -139,6 +139,9 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         from quant.qat import load_qat
 
         qat, model = load_qat(info.path, input_size)
+        if qat.backend == "nncf" and target != "openvino":
+            raise ConfigError(f"{info.path} was trained with NNCF's quantisers (--qat-backend nncf), which convert for openvino "
+                              f"only; for {target} train with --qat-backend pt2e")
         equalize = False
     cs = None
     if precision == "int8" and qat is None:

@@ -45,7 +45,15 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     import openvino as ov
 
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
-    if opts.precision == "int8" and opts.qat is not None:
+    if opts.precision == "int8" and opts.qat is not None and opts.qat.backend == "nncf":
+        # NNCF's fake quantisers become FakeQuantize ops, which the CPU plugin runs as u8 convolutions
+        step(opts.progress, "ov.convert_model of the NNCF QAT model")
+        x = torch.zeros(1, 3, opts.input_size, opts.input_size)
+        with torch.no_grad():
+            m = _named(ov.convert_model(opts.qat.finalize(), example_input=x, input=[1, 3, opts.input_size, opts.input_size]), spec)
+        quant.update({"route": "NNCF QAT (edge compress --qat-backend nncf) -> ov.convert_model", "weights": "int8 per-channel symmetric",
+                      "activations": "u8 per-tensor asymmetric (NNCF MIXED preset, ranges trained)", "qat": opts.qat.report()})
+    elif opts.precision == "int8" and opts.qat is not None:
         # the converted PT2E program (quantize/dequantize pairs): OpenVINO fuses them into u8 convolutions
         step(opts.progress, "ov.convert_model of the QAT program")
         x = torch.zeros(1, 3, opts.input_size, opts.input_size)

@@ -100,6 +100,12 @@ def cmd_compress(args) -> int:
         raise ConfigError("nothing to prune: --prune 0 and no --prune-module NAME=RATIO above 0")
     if args.stages < 1:
         raise ConfigError("--stages must be positive")
+    if args.qat_steps and args.qat_epochs:
+        raise ConfigError("give --qat-steps or --qat-epochs, not both")
+    if args.qat_steps < 0 or args.qat_epochs < 0:
+        raise ConfigError("--qat-steps and --qat-epochs must not be negative")
+    if args.qat_backend == "nncf" and args.observe_steps:
+        raise ConfigError("--observe-steps is for the pt2e backend; NNCF QAT starts from its PTQ ranges (--calib)")
     if args.size % 32:
         raise ConfigError(f"--size must be a multiple of 32, got {args.size}")
     if args.labels:
@@ -182,25 +188,33 @@ def cmd_compress(args) -> int:
         train(student, dataset, collate, step, cfg, meta=meta, resume=last if last.exists() and args.resume else None, env=env)
         student = student.cpu().eval()
     qat_report = None
-    if args.qat_steps:  # quantisation-aware training of the pruned model, distilled from the unpruned FP32 one
-        from quant.qat import QATQuantizer
+    if args.qat_steps or args.qat_epochs:  # quantisation-aware training of the pruned model, distilled from the unpruned FP32 one
+        from quant.qat import NNCFQATQuantizer, QATQuantizer
 
         qdir, qfinal = out / "qat", out / "qat.pth"
         if qfinal.exists():
             qat_report = {"resumed": "done"}
         else:
-            q = QATQuantizer(student, size=args.size, observe_steps=args.observe_steps)
-            net = q.prepare()
-            if not args.observe_steps:  # activation ranges as PTQ sets them, on the calibration set edge-convert uses
+            cs = None
+            if args.qat_backend == "nncf" or not args.observe_steps:  # ranges as PTQ sets them, on edge-convert's calibration set
                 from calib_data.build import load_calibration
 
                 cs = load_calibration(args.calib, args.size, args.calib_count, spec.mean, progress=not args.quiet)
-                q.calibrate(cs.tensors(spec))
-            cfg = TrainConfig(out=str(qdir), iters=args.qat_steps, batch=args.batch, lr=args.qat_lr, optimizer="adamw",
-                              weight_decay=0.0, warmup=min(args.warmup, args.qat_steps), workers=args.workers, seed=args.seed + 100,
+            if args.qat_backend == "nncf":
+                q = NNCFQATQuantizer(student, size=args.size)
+                net = q.prepare(cs.tensors(spec))
+            else:
+                q = QATQuantizer(student, size=args.size, observe_steps=args.observe_steps)
+                net = q.prepare()
+                if cs is not None:
+                    q.calibrate(cs.tensors(spec))
+            cfg = TrainConfig(out=str(qdir), iters=args.qat_steps or None, epochs=args.qat_epochs or 1, batch=args.batch,
+                              lr=args.qat_lr, optimizer="adamw", weight_decay=0.0,
+                              warmup=min(args.warmup, args.qat_steps or args.warmup), workers=args.workers, seed=args.seed + 100,
                               save_every=args.save_every, bn="frozen", progress=not args.quiet,
-                              extra={"qat_steps": args.qat_steps, "observe_steps": args.observe_steps, "images": len(train_set),
-                                     "calib": None if args.observe_steps else (args.calib or "built-in"), "calib_count": args.calib_count})
+                              extra={"qat_backend": args.qat_backend, "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
+                                     "observe_steps": args.observe_steps, "images": len(train_set),
+                                     "calib": None if cs is None else (args.calib or "built-in"), "calib_count": args.calib_count})
             last = qdir / "last.pth"
             train(net, dataset, collate, step, cfg, meta={"format": 1, "kind": "qat-run", "arch": info.arch.name},
                   resume=last if last.exists() and args.resume else None, env=env, after_step=q.step)
@@ -210,9 +224,13 @@ def cmd_compress(args) -> int:
                         "train": cfg.extra, "qat": qat_report, "size": args.size}
                 if spec.mesh_vertices:
                     meta["mesh"] = {"vertices": spec.mesh_vertices, "rank": spec.mesh_rank}
+                program = q.quantized if q.backend == "nncf" else net
+                ck = {"state_dict": q.float_state(student), "qat_state": {k: v.detach().cpu() for k, v in program.state_dict().items()},
+                      "retinaface_edge": meta}
+                if q.backend == "nncf":
+                    ck["nncf_config"] = json.dumps(q.config())
                 with atomic_file(qfinal) as tmp:
-                    torch.save({"state_dict": q.float_state(student), "qat_state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                                "retinaface_edge": meta}, tmp)
+                    torch.save(ck, tmp)
     checksums = [float(sum(v.double().sum() for v in student.state_dict().values() if v.is_floating_point()))]
     if env.world > 1:  # every process must end with the same weights
         import torch.distributed as dist
@@ -254,7 +272,7 @@ def cmd_compress(args) -> int:
     if "heldout_ap" in summary:
         h = summary["heldout_ap"]
         print(f"held-out AP (all faces, IoU 0.5): teacher {h['teacher']['ap']:.4f}, student {h['student']['ap']:.4f}")
-    if args.qat_steps:
+    if args.qat_steps or args.qat_epochs:
         print(f"wrote {out / 'qat.pth'}: the QAT model (`edge-convert --precision int8 --weights` it for tflite or openvino)",
               file=sys.stderr)
     print(f"wrote {out / 'final.pth'} (use with --weights; `edge eval widerface --list {out / 'heldout.txt'}` for easy/medium/hard)",
@@ -282,6 +300,10 @@ def register(sub) -> None:
     p.add_argument("--size", type=int, default=640)
     p.add_argument("--val", type=int, default=100, help="held-out images")
     p.add_argument("--qat-steps", type=int, default=0, help="then quantisation-aware training for this many steps (OUT/qat.pth)")
+    p.add_argument("--qat-epochs", type=int, default=0, help="quantisation-aware training for this many passes over the "
+                   "training images instead of --qat-steps")
+    p.add_argument("--qat-backend", choices=("pt2e", "nncf"), default="pt2e",
+                   help="pt2e: one PT2E program for tflite and openvino; nncf: NNCF's quantisers, openvino only")
     p.add_argument("--qat-lr", type=float, default=2e-5)
     p.add_argument("--observe-steps", type=int, default=0,
                    help="0: QAT activation ranges calibrated as PTQ does (histograms over --calib), then frozen; "

@@ -91,6 +91,8 @@ class NamedOutputs(nn.Module):
 
 
 class QATQuantizer:
+    backend = "pt2e"
+
     def __init__(self, model, config: QuantConfig | None = None, size: int = 640, observe_steps: int = 50):
         self.model, self.config, self.size, self.observe_steps = model, config or QuantConfig(), size, observe_steps
         self.steps, self.gm, self.quantizer = 0, None, None
@@ -206,10 +208,93 @@ class QATQuantizer:
                 "weights": self.config.global_config.weight_granularity if self.config.global_config else None}
 
 
+class NNCFQATQuantizer:
+    """Quantisation-aware training for OpenVINO with NNCF's own fake quantisers: `nncf.quantize` of the torch
+    model (the MIXED preset edge-convert's PTQ uses: symmetric per-channel int8 weights, asymmetric u8
+    activations, quantisers only where OpenVINO runs int8 kernels, fast bias correction) is the starting point,
+    so QAT starts exactly where PTQ ends; training then moves the weights and the quantisers' ranges
+    (learnable in NNCF). `ov.convert_model` of the trained model gives FakeQuantize ops that the CPU plugin
+    runs as u8 convolutions. OpenVINO only: TFLite takes the PT2E program (QATQuantizer).
+
+    prepare(tensors) -> train (batch norms frozen by the loop) -> finalize() -> torch module for ov.convert_model.
+    """
+
+    backend = "nncf"
+
+    def __init__(self, model, size: int = 640):
+        self.model, self.size, self.steps, self.net, self.calibrated = model, size, 0, None, 0
+
+    def prepare(self, tensors=None, config: dict | None = None) -> nn.Module:
+        """tensors: calibration inputs ((1, 3, H, W) float32 arrays) for a new model; config: nncf.torch.get_config
+        of a trained one, to rebuild it (then load its state). -> the fake-quantised model (named outputs)."""
+        import nncf
+
+        wrapped = TupleOutputs(self.model.eval())
+        if config is not None:
+            self.quantized = nncf.torch.load_from_config(wrapped, config)
+        else:
+            data = [torch.from_numpy(t) for t in tensors]
+            if not data:
+                raise ValueError("NNCF QAT needs calibration images")
+            with _quiet_nncf():
+                self.quantized = nncf.quantize(wrapped, nncf.Dataset(data), subset_size=len(data),
+                                               preset=nncf.QuantizationPreset.MIXED)
+            self.calibrated = len(data)
+        self.net = _Named(self.quantized, self.model.spec.output_names)
+        return self.net
+
+    def config(self) -> dict:
+        import nncf
+
+        return nncf.torch.get_config(self.quantized)
+
+    def step(self, n: int | None = None) -> None:
+        self.steps = self.steps + 1 if n is None else n
+
+    def float_state(self, model) -> dict[str, torch.Tensor]:
+        """The trained float weights (the quantised model wraps `model` in place)."""
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def finalize(self) -> nn.Module:
+        """-> the fake-quantised torch module (tuple outputs, eval mode) for `ov.convert_model`."""
+        return self.quantized.eval()
+
+    def report(self) -> dict:
+        names = [n for n, _ in self.quantized.named_modules() if n.startswith("__nncf_hooks")] if self.net is not None else []
+        fq = sum(1 for _, m in self.quantized.named_modules() if type(m).__name__.endswith("Quantizer")) if names else 0
+        return {"method": "qat", "backend": "nncf", "steps": self.steps, "calibration_images": self.calibrated,
+                "preset": "MIXED", "fake_quantizers": fq, "weights": "per_channel"}
+
+
+class _Named(nn.Module):
+    def __init__(self, m: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.m, self.names = m, names
+
+    def forward(self, x):
+        return dict(zip(self.names, self.m(x)))
+
+
+@contextmanager
+def _quiet_nncf():
+    import logging
+
+    log = logging.getLogger("nncf")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def load_qat(path, size: int):
-    """A QAT checkpoint (`edge compress --qat-steps`) -> (QATQuantizer prepared at `size` with the trained
-    ranges and weights, float model). The fake-quantised program is rebuilt from the float model and its
-    state loaded: per-tensor ranges do not depend on the input size."""
+    """A QAT checkpoint (`edge compress --qat-steps`) -> (quantizer prepared at `size` with the trained
+    ranges and weights, float model): QATQuantizer (PT2E) or NNCFQATQuantizer, as the checkpoint says.
+    The fake-quantised model is rebuilt from the float model and its state loaded: per-tensor ranges do
+    not depend on the input size."""
+    import json
+
     from edge.errors import WeightsError
     from edge.weights import load_weights
 
@@ -218,6 +303,19 @@ def load_qat(path, size: int):
         raise WeightsError(f"{path} is not a QAT checkpoint (no qat_state)")
     model, _ = load_weights(path)
     model.spec = model.spec.with_input_size(size)
+    if "nncf_config" in ck:
+        try:
+            config = json.loads(ck["nncf_config"])
+        except (TypeError, ValueError):
+            raise WeightsError(f"{path}: its nncf_config is not JSON") from None
+        q = NNCFQATQuantizer(model, size=size)
+        try:
+            q.prepare(config=config)
+            q.quantized.load_state_dict(ck["qat_state"])
+        except Exception as e:  # nncf raises its own types for a config that does not fit
+            raise WeightsError(f"{path}: its NNCF QAT state does not fit the model ({str(e)[:200]})") from None
+        q.steps = int(ck.get("retinaface_edge", {}).get("qat", {}).get("steps", 0))
+        return q, model
     q = QATQuantizer(model, size=size, observe_steps=0)
     net = q.prepare()
     try:

@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -283,3 +284,38 @@ def test_qat_calibration_sets_activation_ranges_as_ptq_does(default_model):
     for f in acts:  # what convert_pt2e reads: the inner observer's range gives the same parameters
         scale, zp = f.calculate_qparams()
         assert torch.allclose(scale, f.scale) and torch.equal(zp.int(), f.zero_point.int())
+
+
+@pytest.mark.qat
+def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
+    """--qat-backend nncf: the checkpoint rebuilds NNCF's quantised model (config as JSON, no pickle), the trained
+    model converts to an OpenVINO bundle whose convolutions run int8 and whose outputs are those of the
+    fake-quantised torch model; TFLite is refused with a ConfigError naming the backend."""
+    import json
+
+    from converters.api import convert
+    from converters.bundle import read_metadata
+    from edge.cli import main
+    from edge.errors import ConfigError
+    from quant.qat import load_qat
+
+    out = tmp_path / "run"
+    assert main(["compress", "--images", str(shared / "images"), "--prune", "0.3", "--iters", "1", "--qat-steps", "2",
+                 "--qat-backend", "nncf", "--calib-count", "2", "--batch", "1", "--size", "160", "--val", "1", "--warmup", "1",
+                 "--threads", "1", "--out", str(out), "--quiet"]) == 0
+    ck = torch.load(out / "qat.pth", weights_only=True)
+    assert isinstance(json.loads(ck["nncf_config"]), dict) and ck["retinaface_edge"]["qat"]["backend"] == "nncf"
+    res = convert("openvino", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "ov", progress=False)
+    q = read_metadata(res.bundle)[1]["quantization"]
+    assert "NNCF QAT" in q["route"] and q["conv_weight_types"].get("i8", 0) == 59
+    qat, model = load_qat(out / "qat.pth", 160)
+    from converters.openvino_target import OpenVINORunner
+
+    x = np.random.default_rng(0).uniform(-120, 130, (1, 3, 160, 160)).astype(np.float32)
+    with torch.no_grad():
+        sim = dict(zip(model.spec.output_names, (t.numpy() for t in qat.finalize()(torch.from_numpy(x)))))
+    got = OpenVINORunner(res.bundle / "model.xml", model.spec.output_names, threads=1)(x)
+    # the same quantised arithmetic; int8 rounding at a few grid points may differ (one step of a late layer)
+    assert np.median(np.abs(got["loc"] - sim["loc"])) < 0.02 and np.abs(got["conf"] - sim["conf"]).max() < 0.1
+    with pytest.raises(ConfigError, match="nncf"):
+        convert("tflite", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "tfl", progress=False)
