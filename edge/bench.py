@@ -254,7 +254,7 @@ def bench(candidates: list[Candidate], image: np.ndarray, warmup: int, runs: int
     for c in candidates:
         stats = {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "min": float(np.min(v))} for k, v in times[c.name].items()}
         floor_ms = c.macs / peaks[c.runtime, c.dtype] * 1e3 if c.macs else None
-        rows.append({"name": c.name, "threads": threads, "runs": runs, "warmup": warmup, "ms": stats, "model_bytes": c.model_bytes,
+        rows.append({"name": c.name, "threads": threads, "image_hw": list(image.shape[:2]), "runs": runs, "warmup": warmup, "ms": stats, "model_bytes": c.model_bytes,
                      "gmacs": c.macs / 1e9 if c.macs else None, "floor_ms": floor_ms, "floor_dtype": c.dtype,
                      "infer_over_floor": stats["infer"]["median"] / floor_ms if floor_ms else None,
                      "peak_gmacs_per_s": peaks[c.runtime, c.dtype] / 1e9 if c.macs else None, "floor_runtime": c.runtime if c.macs else None,
@@ -277,13 +277,14 @@ def machine() -> str:
 
 def table(rows: list[dict], accuracy: dict[str, dict] | None = None) -> str:
     acc = accuracy or {}
-    lines = ["| model | threads | pre ms | infer ms (median / p90 / min) | post ms | end-to-end ms (median / p90) | infer / floor | size MB | RSS +MB | WIDER hard |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | threads | image | pre ms | infer ms (median / p90 / min) | post ms | end-to-end ms (median / p90) | infer / floor | size MB | RSS +MB | WIDER hard |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         m = r["ms"]
         ratio = f"{r['infer_over_floor']:.1f}x ({r['floor_ms']:.1f} ms {r['floor_dtype']})" if r.get("infer_over_floor") else "–"
         hard = acc.get(r["name"], {}).get("hard")
-        lines.append(f"| {r['name']} | {r['threads']} | {m['pre']['median']:.1f} | {m['infer']['median']:.1f} / {m['infer']['p90']:.1f} / {m['infer']['min']:.1f} | "
+        img = "x".join(str(v) for v in r["image_hw"]) if r.get("image_hw") else "–"
+        lines.append(f"| {r['name']} | {r['threads']} | {img} | {m['pre']['median']:.1f} | {m['infer']['median']:.1f} / {m['infer']['p90']:.1f} / {m['infer']['min']:.1f} | "
                      f"{m['post']['median']:.1f} | {m['e2e']['median']:.1f} / {m['e2e']['p90']:.1f} | {ratio} | {r['model_bytes'] / 1e6:.2f} | "
                      f"{r.get('rss_added_by_warmup_mb', '–')} | "
                      f"{'–' if hard is None else f'{100 * hard:.2f}'} |")
@@ -338,7 +339,7 @@ def cmd_bench(args) -> int:
     for f in args.merge or []:
         rows += json.loads(Path(f).read_text())
     if args.bundles or args.peers or args.torch:
-        image = scene(7, (720, 1280), 8)
+        image = scene(7, args.image_size, 8)
         for t in args.threads:
             cands = build_candidates(args.bundles, args.peers, args.torch, t, args.input_size)
             rows += bench(cands, image, args.warmup, args.runs, t, progress=not args.quiet)
@@ -350,6 +351,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _hw(text: str) -> tuple[int, int]:
+    import argparse
+
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 720x1280, got {text!r}") from None
+    if h < 32 or w < 32:
+        raise argparse.ArgumentTypeError(f"image size {text} is too small (at least 32x32)")
+    return h, w
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="latency of bundles, the PyTorch model and peers, side by side")
     p.add_argument("bundles", nargs="*")
@@ -358,6 +371,8 @@ def register(sub) -> None:
     p.add_argument("--torch", action="store_true", help="also the FP32 PyTorch model (eager)")
     p.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     p.add_argument("--input-size", type=int, default=640)
+    p.add_argument("--image-size", type=_hw, default=(720, 1280), metavar="HxW",
+                   help="the built-in test scene's size (default 720x1280: a resize in pre-processing; 640x640: none)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--accuracy", action="append", help="NAME=eval.json (edge eval widerface --json) to plot latency against AP hard")

@@ -82,7 +82,7 @@ def prepare(image_bgr: np.ndarray, spec: ModelSpec) -> Prepared:
         scale = 1.0
         nh, nw = h, w
         ch, cw = round_up(h, spec.pad_multiple), round_up(w, spec.pad_multiple)
-        resized = image_bgr.astype(np.float32)
+        resized = image_bgr  # converted to float32 by the subtraction below (exact for uint8)
     else:
         size = spec.input_size
         if size % spec.pad_multiple:
@@ -90,7 +90,8 @@ def prepare(image_bgr: np.ndarray, spec: ModelSpec) -> Prepared:
         scale = size / max(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         ch = cw = size
-        resized = resize_bilinear(image_bgr, nh, nw)
+        # already the right size: no float copy, the subtraction below converts (exact for uint8)
+        resized = image_bgr if (nh, nw) == (h, w) else resize_bilinear(image_bgr, nh, nw)
     tensor = np.zeros((1, 3, ch, cw), np.float32)
     for c in range(3):  # written plane by plane: no HWC -> CHW copy
         np.subtract(resized[..., c], np.float32(spec.mean[c]), out=tensor[0, c, :nh, :nw])

@@ -17,18 +17,25 @@ def test_bench_table_json_and_report(bundles, shared, tmp_path, capsys):
     acc = tmp_path / "acc.json"
     acc.write_text(json.dumps({"easy": 0.9, "medium": 0.85, "hard": 0.6}))
     rc = cli.main(["bench", str(bundles("onnx", "fp32")), str(bundles("tflite", "int8")), "--torch", "--peers", f"yunet:{yunet},blazeface:short_range",
-                   "--threads", "1", "--runs", "3", "--warmup", "1", "--quiet", "--json", str(tmp_path / "b.json"),
+                   "--threads", "1", "--runs", "3", "--warmup", "1", "--image-size", "640x640", "--quiet", "--json", str(tmp_path / "b.json"),
                    "--report", str(tmp_path / "rep"), "--accuracy", f"onnx fp32={acc}"])
     assert rc == 0
     rows = json.loads((tmp_path / "b.json").read_text())
     names = [r["name"] for r in rows]
     assert names[:3] == ["onnx fp32", "tflite int8", "pytorch fp32 (eager)"] and any("YuNet" in n for n in names) and any("BlazeFace" in n for n in names)
     for r in rows:
-        assert r["ms"]["e2e"]["median"] >= r["ms"]["infer"]["median"] > 0 and r["runs"] == 3
+        assert r["ms"]["e2e"]["median"] >= r["ms"]["infer"]["median"] > 0 and r["runs"] == 3 and r["image_hw"] == [640, 640]
     ours = rows[0]
     assert 0.9 < ours["gmacs"] < 1.1 and ours["infer_over_floor"] > 1.0  # 0.99 GMACs at 640; nothing beats the floor
     md = (tmp_path / "rep" / "bench.md").read_text()
-    assert "| onnx fp32 | 1 |" in md and "60.00" in md and (tmp_path / "rep" / "latency_vs_ap.png").is_file()
+    assert "| onnx fp32 | 1 | 640x640 |" in md and "60.00" in md and (tmp_path / "rep" / "latency_vs_ap.png").is_file()
+
+
+@pytest.mark.parametrize("text", ["640", "0x640", "axb", "16x16"])
+def test_bench_image_size_is_checked(text, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--torch", "--image-size", text])
+    assert "image-size" in capsys.readouterr().err
 
 
 def test_device_bench_scripts_run_here_and_merge(bundles, tmp_path):
