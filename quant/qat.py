@@ -74,8 +74,8 @@ def fold_batch_norm_scales(model: nn.Module) -> int:
     return n
 
 
-class NamedOutputs(nn.Module):
-    """The exported program returns a tuple; training code wants the model's named outputs."""
+class Named(nn.Module):
+    """The quantised models return a tuple; training code wants the model's named outputs."""
 
     def __init__(self, gm: nn.Module, names: tuple[str, ...]):
         super().__init__()
@@ -83,6 +83,10 @@ class NamedOutputs(nn.Module):
 
     def forward(self, x):
         return dict(zip(self.names, self.gm(x)))
+
+
+class NamedOutputs(Named):
+    """Named outputs of an exported program."""
 
     def train(self, mode: bool = True):
         """Exported programs refuse train()/eval(); batch norms stay frozen and fake quantisation on."""
@@ -240,7 +244,7 @@ class NNCFQATQuantizer:
                 self.quantized = nncf.quantize(wrapped, nncf.Dataset(data), subset_size=len(data),
                                                preset=nncf.QuantizationPreset.MIXED)
             self.calibrated = len(data)
-        self.net = _Named(self.quantized, self.model.spec.output_names)
+        self.net = Named(self.quantized, self.model.spec.output_names)
         return self.net
 
     def config(self) -> dict:
@@ -260,19 +264,9 @@ class NNCFQATQuantizer:
         return self.quantized.eval()
 
     def report(self) -> dict:
-        names = [n for n, _ in self.quantized.named_modules() if n.startswith("__nncf_hooks")] if self.net is not None else []
-        fq = sum(1 for _, m in self.quantized.named_modules() if type(m).__name__.endswith("Quantizer")) if names else 0
+        fq = sum(1 for m in self.quantized.modules() if type(m).__name__.endswith("Quantizer")) if self.net is not None else 0
         return {"method": "qat", "backend": "nncf", "steps": self.steps, "calibration_images": self.calibrated,
                 "preset": "MIXED", "fake_quantizers": fq, "weights": "per_channel"}
-
-
-class _Named(nn.Module):
-    def __init__(self, m: nn.Module, names: tuple[str, ...]):
-        super().__init__()
-        self.m, self.names = m, names
-
-    def forward(self, x):
-        return dict(zip(self.names, self.m(x)))
 
 
 @contextmanager
