@@ -143,6 +143,31 @@ REGISTRY: dict[str, WeightsEntry] = {
             "ground truth), written by edge.weights.save_shipped",
         ),
         WeightsEntry(
+            name="default_merge1_50",
+            arch=PYTORCH_RETINAFACE,
+            source="trained by the project: `default` with half the output channels of the FPN's stride-8 merge "
+            "convolution (fpn.merge1, the model's largest layer) pruned, recovered by distillation; "
+            "edge/data/default_merge1_50.npz (float16)",
+            license="MIT",
+            sha256="42830146dcef5f70e558536692d7d36d8549188ae9831f7e5fbcbb08a10a58ac",
+            params=394_288,  # the detector; its distilled mesh head adds 58,812 (MeshHead convolutions, mean, basis)
+            accuracy={
+                "protocol": "WIDER FACE val: the 276 images held out of its training (RUN/heldout.txt of the recipe), "
+                "input 640, score 0.02, NMS 0.4 (edge eval widerface --list); `default` scores 86.71 / 80.14 / 49.71 there",
+                "640": {"easy": 0.8657, "medium": 0.7987, "hard": 0.4770},
+                "openvino_int8_640": {"easy": 0.8641, "medium": 0.7985, "hard": 0.4772},
+                "aflw2000_mesh68_nme": {"0-30": 7.66, "30-60": 11.33, "60-90": 18.89, "mean": 12.62},  # default: 12.48
+                "gmacs_640": 0.809,  # convolutions (edge bench's count); default 1.016
+            },
+            file="default_merge1_50.npz",
+            kind="pruned",
+            recipe="edge compress --images ../shared/widerface/val/images --labels ../shared/widerface/val/label_bbx_gt.txt "
+            "--prune 0 --prune-module fpn.merge1=0.5 --freeze body --stages 1 --iters 1600 --batch 8 --size 640 --val 277 "
+            "--seed 0 --out RUN; this is RUN/final.pth (1,600 steps, AdamW 1e-3, batch norms frozen, backbone not trained; "
+            "distillation from `default` with its mesh head plus the multi-task loss on the 1,107 training images' "
+            "ground truth), written by edge.weights.save_shipped",
+        ),
+        WeightsEntry(
             name="face_detector_1mb",
             arch=FACE_DETECTOR_1MB,
             source="Face-Detector-1MB-with-landmark (biubug6), weights/mobilenet0.25_Final.pth",

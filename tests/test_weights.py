@@ -38,16 +38,17 @@ def test_registry_param_counts(default_model, shared_model):
         assert mesh == (entry.mesh.params if entry.mesh else 0)
 
 
-def test_shipped_compressed_entry_loads(default_model):
-    """default_neck25: the project's pruned model ships in edge/data, loads by name (widths from the file), keeps the
-    contract (same outputs and shapes as default) and its recorded size."""
-    model, info = load_weights("default_neck25")
-    entry = REGISTRY["default_neck25"]
+@pytest.mark.parametrize("name, merge1", [("default_neck25", 48), ("default_merge1_50", 32)])
+def test_shipped_compressed_entry_loads(default_model, name, merge1):
+    """The project's pruned models ship in edge/data, load by name (widths from the file), keep the contract (same
+    outputs and shapes as default) and their recorded size."""
+    model, info = load_weights(name)
+    entry = REGISTRY[name]
     assert info.known and info.kind == "pruned" and entry.path.stat().st_size < 1_000_000
     detector = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("MeshHead.", "mesh_")))
     assert detector == entry.params < REGISTRY["default"].params
     widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    assert widths["fpn.merge1.0"] == 48 and widths["body.stage3.1.3"] == 256
+    assert widths["fpn.merge1.0"] == merge1 and widths["body.stage3.1.3"] == 256
     x = torch.zeros(1, 3, 160, 160)
     with torch.no_grad():
         a, b = default_model[0](x), model(x)
