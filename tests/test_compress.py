@@ -319,3 +319,15 @@ def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
     assert np.median(np.abs(got["loc"] - sim["loc"])) < 0.02 and np.abs(got["conf"] - sim["conf"]).max() < 0.1
     with pytest.raises(ConfigError, match="nncf"):
         convert("tflite", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "tfl", progress=False)
+
+
+@pytest.mark.parametrize("extra, match", [(["--qat-steps", "2", "--qat-epochs", "1"], "not both"),
+                                          (["--qat-steps", "-1"], "negative"),
+                                          (["--qat-steps", "2", "--qat-backend", "nncf", "--observe-steps", "5"], "observe-steps")])
+def test_compress_qat_options_are_checked_before_any_work(shared, tmp_path, capsys, extra, match):
+    from edge.cli import main
+
+    out = tmp_path / "run"
+    assert main(["compress", "--images", str(shared / "images"), "--prune", "0.3", "--iters", "1", "--size", "160",
+                 "--val", "1", "--out", str(out), "--quiet", *extra]) == 2
+    assert match in capsys.readouterr().err and not out.exists()
