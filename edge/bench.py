@@ -157,6 +157,17 @@ def rss_mb() -> float:
     return rss_bytes() / 2**20
 
 
+def _distinct_tails(paths: list[Path]) -> list[str]:
+    """The shortest trailing path parts that tell the paths apart (run1/b_int8, run2/b_int8); the position
+    where even the full paths are the same (one bundle given twice). Rows are keyed by name: two candidates
+    with one name would pool their timings."""
+    for k in range(1, max(len(p.parts) for p in paths) + 1):
+        tails = ["/".join(p.parts[-k:]) for p in paths]
+        if len(set(tails)) == len(tails):
+            return tails
+    return [f"{'/'.join(p.parts[-2:])} #{i + 1}" for i, p in enumerate(paths)]
+
+
 def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: int) -> list[Candidate]:
     from converters.api import path_bytes
     from converters.bundle import load_bundle_runner, read_metadata
@@ -190,8 +201,8 @@ def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: 
         seen.setdefault(c.name, []).append((c, b))
     for group in seen.values():
         if len(group) > 1:
-            for c, b in group:
-                c.name += f" <{Path(b).name}>"
+            for c, tag in zip((c for c, _ in group), _distinct_tails([Path(b).resolve() for _, b in group])):
+                c.name += f" <{tag}>"
     if torch_ref:
         import torch
 

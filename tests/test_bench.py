@@ -31,6 +31,15 @@ def test_bench_table_json_and_report(bundles, shared, tmp_path, capsys):
     assert "| onnx fp32 | 1 | 640x640 |" in md and "60.00" in md and (tmp_path / "rep" / "latency_vs_ap.png").is_file()
 
 
+def test_bench_rows_of_same_named_bundles_stay_apart():
+    """Rows are keyed by name: bundles with one folder name in different runs (or one bundle twice) get distinct tags."""
+    from edge.bench import _distinct_tails
+
+    assert _distinct_tails([Path("/r/run1/b_int8"), Path("/r/run2/b_int8")]) == ["run1/b_int8", "run2/b_int8"]
+    assert _distinct_tails([Path("/r/x/b"), Path("/r/x/b")]) == ["x/b #1", "x/b #2"]
+    assert _distinct_tails([Path("/a"), Path("/b")]) == ["a", "b"]
+
+
 @pytest.mark.parametrize("text", ["640", "0x640", "axb", "16x16"])
 def test_bench_image_size_is_checked(text, capsys):
     with pytest.raises(SystemExit):
