@@ -71,6 +71,15 @@ def resize_numpy(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return left + (rows[:, x1] - left) * fx[None, :, None]
 
 
+def _planes(image: np.ndarray):
+    """(H, W, 3) -> its three channel planes. OpenCV's split copies them out contiguously, which makes the
+    subtraction after it about twice as fast as reading every third value (640 x 640: 0.23 against 0.42 ms
+    for split and subtraction together); the values are the same."""
+    if _cv2 is not None and image.ndim == 3 and image.shape[2] == 3 and image.dtype in (np.uint8, np.float32):
+        return _cv2.split(image)
+    return [image[..., c] for c in range(image.shape[2])]
+
+
 def round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
@@ -92,9 +101,10 @@ def prepare(image_bgr: np.ndarray, spec: ModelSpec) -> Prepared:
         ch = cw = size
         # already the right size: no float copy, the subtraction below converts (exact for uint8)
         resized = image_bgr if (nh, nw) == (h, w) else resize_bilinear(image_bgr, nh, nw)
-    tensor = np.zeros((1, 3, ch, cw), np.float32)
-    for c in range(3):  # written plane by plane: no HWC -> CHW copy
-        np.subtract(resized[..., c], np.float32(spec.mean[c]), out=tensor[0, c, :nh, :nw])
+    # padding (if any) must be zeros; without padding every value is written below
+    tensor = np.zeros((1, 3, ch, cw), np.float32) if (nh, nw) != (ch, cw) else np.empty((1, 3, ch, cw), np.float32)
+    for c, plane in enumerate(_planes(resized)):  # written plane by plane: no HWC -> CHW copy
+        np.subtract(plane, np.float32(spec.mean[c]), out=tensor[0, c, :nh, :nw])
         if spec.std[c] != 1.0:
             tensor[0, c, :nh, :nw] /= np.float32(spec.std[c])
     return Prepared(tensor, scale, (0.0, 0.0), (h, w))
