@@ -308,17 +308,21 @@ def plot(rows: list[dict], accuracy: dict[str, dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
     names = [n for n in dict.fromkeys(r["name"] for r in rows) if n in accuracy]
+    # one legend entry per model (colour), one per thread count (marker): 20 models at 2 thread counts stay legible
+    fig, ax = plt.subplots(figsize=(10, max(4.8, 0.2 * len(names) + 1.5)), dpi=120)
     colours = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
     markers = {}
     for r in rows:
         if r["name"] not in accuracy:
             continue
         m = markers.setdefault(r["threads"], "osD^v"[len(markers) % 5])
-        ax.scatter(r["ms"]["e2e"]["median"], 100 * accuracy[r["name"]]["hard"], color=colours[r["name"]], marker=m, s=36,
-                   label=f"{r['name']} ({r['threads']} thr)")
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.scatter(r["ms"]["e2e"]["median"], 100 * accuracy[r["name"]]["hard"], color=colours[r["name"]], marker=m, s=36)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colours[n], marker="o", ls="", label=n) for n in names]
+    handles += [Line2D([], [], color="grey", marker=m, ls="", label=f"{t} thread(s)") for t, m in markers.items()]
+    ax.legend(handles=handles, fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xlabel("end-to-end latency, median (ms)")
     ax.set_ylabel("WIDER FACE val AP hard (%)")
     ax.grid(alpha=0.3)
