@@ -78,6 +78,38 @@ class WeightsEntry:
         return Path(__file__).with_name("data") / self.file if self.file else None
 
 
+def _project_pruned(name: str, what: str, *, sha256: str, params: int, fp32: tuple[float, float, float],
+                    openvino_int8: tuple[float, float, float], aflw2000: dict[str, float], gmacs: float,
+                    flags: str, product: str) -> WeightsEntry:
+    """A pruned model trained by the project (`edge compress`), shipped as edge/data/NAME.npz (float16): `default`
+    with `what`. fp32 / openvino_int8: AP (easy, medium, hard) on the recipe's held-out images; aflw2000: mesh68
+    NME (%) by yaw; gmacs: convolutions at 640 (edge bench's count); flags: the recipe's own options; product:
+    which file of the run this is and how it was trained."""
+    ap = ("easy", "medium", "hard")
+    return WeightsEntry(
+        name=name,
+        arch=PYTORCH_RETINAFACE,
+        source=f"trained by the project: `default` with {what}, recovered by distillation; edge/data/{name}.npz (float16)",
+        license="MIT",
+        sha256=sha256,
+        params=params,
+        accuracy={
+            "protocol": "WIDER FACE val: the 276 images held out of its training (RUN/heldout.txt of the recipe), "
+            "input 640, score 0.02, NMS 0.4 (edge eval widerface --list); `default` scores 86.71 / 80.14 / 49.71 there",
+            "640": dict(zip(ap, fp32)),
+            "openvino_int8_640": dict(zip(ap, openvino_int8)),
+            "aflw2000_mesh68_nme": aflw2000,  # default: 12.48
+            "gmacs_640": gmacs,  # default 1.016
+        },
+        file=f"{name}.npz",
+        kind="pruned",
+        recipe="edge compress --images ../shared/widerface/val/images --labels ../shared/widerface/val/label_bbx_gt.txt "
+        f"{flags} --batch 8 --size 640 --val 277 --seed 0 --out RUN; this is {product}; distillation from `default` "
+        "with its mesh head plus the multi-task loss on the 1,107 training images' ground truth), written by "
+        "edge.weights.save_shipped",
+    )
+
+
 REGISTRY: dict[str, WeightsEntry] = {
     e.name: e
     for e in (
@@ -117,55 +149,25 @@ REGISTRY: dict[str, WeightsEntry] = {
                 },
             ),
         ),
-        WeightsEntry(
-            name="default_neck25",
-            arch=PYTORCH_RETINAFACE,
-            source="trained by the project: `default` with a quarter of its FPN and SSH channels pruned (backbone and "
-            "heads untouched), recovered by distillation; edge/data/default_neck25.npz (float16)",
-            license="MIT",
+        _project_pruned(
+            "default_neck25", "a quarter of its FPN and SSH channels pruned (backbone and heads untouched)",
             sha256="99f12a2f79d1e812f1d55cf8d4b837230d55d5da75b03d4e5fef4510f6f80b00",
             params=355_104,  # the detector; its distilled mesh head adds 57,276 (MeshHead convolutions, mean, basis)
-            accuracy={
-                "protocol": "WIDER FACE val: the 276 images held out of its training (RUN/heldout.txt of the recipe), "
-                "input 640, score 0.02, NMS 0.4 (edge eval widerface --list); `default` scores 86.71 / 80.14 / 49.71 there",
-                "640": {"easy": 0.8575, "medium": 0.7806, "hard": 0.4635},
-                "openvino_int8_640": {"easy": 0.8545, "medium": 0.7802, "hard": 0.4632},
-                "aflw2000_mesh68_nme": {"0-30": 8.03, "30-60": 11.44, "60-90": 19.22, "mean": 12.90},  # default: 12.48
-                "gmacs_640": 0.782,  # convolutions (edge bench's count); default 1.016
-            },
-            file="default_neck25.npz",
-            kind="pruned",
-            recipe="edge compress --images ../shared/widerface/val/images --labels ../shared/widerface/val/label_bbx_gt.txt "
-            "--prune 0 --prune-module fpn=0.5 --prune-module ssh1=0.5 --prune-module ssh2=0.5 --prune-module ssh3=0.5 "
-            "--freeze body --stages 2 --iters 1600 --batch 8 --size 640 --val 277 --seed 0 --out RUN; this is "
-            "RUN/stage1/final.pth (stage 1 of 2: a quarter of the neck, 800 steps, AdamW 1e-3, batch norms frozen; "
-            "distillation from `default` with its mesh head plus the multi-task loss on the 1,107 training images' "
-            "ground truth), written by edge.weights.save_shipped",
+            fp32=(0.8575, 0.7806, 0.4635), openvino_int8=(0.8545, 0.7802, 0.4632),
+            aflw2000={"0-30": 8.03, "30-60": 11.44, "60-90": 19.22, "mean": 12.90}, gmacs=0.782,
+            flags="--prune 0 --prune-module fpn=0.5 --prune-module ssh1=0.5 --prune-module ssh2=0.5 --prune-module ssh3=0.5 "
+            "--freeze body --stages 2 --iters 1600",
+            product="RUN/stage1/final.pth (stage 1 of 2: a quarter of the neck, 800 steps, AdamW 1e-3, batch norms frozen",
         ),
-        WeightsEntry(
-            name="default_merge1_50",
-            arch=PYTORCH_RETINAFACE,
-            source="trained by the project: `default` with half the output channels of the FPN's stride-8 merge "
-            "convolution (fpn.merge1, the model's largest layer) pruned, recovered by distillation; "
-            "edge/data/default_merge1_50.npz (float16)",
-            license="MIT",
+        _project_pruned(
+            "default_merge1_50", "half the output channels of the FPN's stride-8 merge convolution (fpn.merge1, the "
+            "model's largest layer) pruned",
             sha256="42830146dcef5f70e558536692d7d36d8549188ae9831f7e5fbcbb08a10a58ac",
             params=394_288,  # the detector; its distilled mesh head adds 58,812 (MeshHead convolutions, mean, basis)
-            accuracy={
-                "protocol": "WIDER FACE val: the 276 images held out of its training (RUN/heldout.txt of the recipe), "
-                "input 640, score 0.02, NMS 0.4 (edge eval widerface --list); `default` scores 86.71 / 80.14 / 49.71 there",
-                "640": {"easy": 0.8657, "medium": 0.7987, "hard": 0.4770},
-                "openvino_int8_640": {"easy": 0.8641, "medium": 0.7985, "hard": 0.4772},
-                "aflw2000_mesh68_nme": {"0-30": 7.66, "30-60": 11.33, "60-90": 18.89, "mean": 12.62},  # default: 12.48
-                "gmacs_640": 0.809,  # convolutions (edge bench's count); default 1.016
-            },
-            file="default_merge1_50.npz",
-            kind="pruned",
-            recipe="edge compress --images ../shared/widerface/val/images --labels ../shared/widerface/val/label_bbx_gt.txt "
-            "--prune 0 --prune-module fpn.merge1=0.5 --freeze body --stages 1 --iters 1600 --batch 8 --size 640 --val 277 "
-            "--seed 0 --out RUN; this is RUN/final.pth (1,600 steps, AdamW 1e-3, batch norms frozen, backbone not trained; "
-            "distillation from `default` with its mesh head plus the multi-task loss on the 1,107 training images' "
-            "ground truth), written by edge.weights.save_shipped",
+            fp32=(0.8657, 0.7987, 0.4770), openvino_int8=(0.8641, 0.7985, 0.4772),
+            aflw2000={"0-30": 7.66, "30-60": 11.33, "60-90": 18.89, "mean": 12.62}, gmacs=0.809,
+            flags="--prune 0 --prune-module fpn.merge1=0.5 --freeze body --stages 1 --iters 1600",
+            product="RUN/final.pth (1,600 steps, AdamW 1e-3, batch norms frozen, backbone not trained",
         ),
         WeightsEntry(
             name="face_detector_1mb",
