@@ -45,21 +45,20 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     import openvino as ov
 
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
-    if opts.precision == "int8" and opts.qat is not None and opts.qat.backend == "nncf":
-        # NNCF's fake quantisers become FakeQuantize ops, which the CPU plugin runs as u8 convolutions
-        step(opts.progress, "ov.convert_model of the NNCF QAT model")
+    if opts.precision == "int8" and opts.qat is not None:
         x = torch.zeros(1, 3, opts.input_size, opts.input_size)
-        with torch.no_grad():
-            m = _named(ov.convert_model(opts.qat.finalize(), example_input=x, input=[1, 3, opts.input_size, opts.input_size]), spec)
-        quant.update({"route": "NNCF QAT (edge compress --qat-backend nncf) -> ov.convert_model", "weights": "int8 per-channel symmetric",
-                      "activations": "u8 per-tensor asymmetric (NNCF MIXED preset, ranges trained)", "qat": opts.qat.report()})
-    elif opts.precision == "int8" and opts.qat is not None:
-        # the converted PT2E program (quantize/dequantize pairs): OpenVINO fuses them into u8 convolutions
-        step(opts.progress, "ov.convert_model of the QAT program")
-        x = torch.zeros(1, 3, opts.input_size, opts.input_size)
-        m = _named(ov.convert_model(torch.export.export(opts.qat.finalize(), (x,))), spec)
-        quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> ov.convert_model", "weights": "int8 per-channel symmetric",
-                      "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
+        if opts.qat.backend == "nncf":  # NNCF's fake quantisers become FakeQuantize ops: u8 convolutions on the CPU plugin
+            step(opts.progress, "ov.convert_model of the NNCF QAT model")
+            with torch.no_grad():
+                m = _named(ov.convert_model(opts.qat.finalize(), example_input=x, input=[1, 3, opts.input_size, opts.input_size]), spec)
+            quant.update({"route": "NNCF QAT (edge compress --qat-backend nncf) -> ov.convert_model",
+                          "activations": "u8 per-tensor asymmetric (NNCF MIXED preset, ranges trained)"})
+        else:  # the converted PT2E program (quantize/dequantize pairs): OpenVINO fuses them into u8 convolutions
+            step(opts.progress, "ov.convert_model of the QAT program")
+            m = _named(ov.convert_model(torch.export.export(opts.qat.finalize(), (x,))), spec)
+            quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> ov.convert_model",
+                          "activations": "int8 per-tensor (ranges learnt in QAT)"})
+        quant.update({"weights": "int8 per-channel symmetric", "qat": opts.qat.report()})
     else:
         step(opts.progress, "ov.convert_model")
         m = _to_ov(model, spec, opts.input_size)

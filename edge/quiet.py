@@ -13,3 +13,6 @@ def quiet_third_party() -> None:
     logging.getLogger("torchao").setLevel(logging.ERROR)
     # torch 2.13 pytree deprecation notice triggered by torchao's enum registration
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # nncf 3.4 logs INFO lines when it compiles its torch extension for fake quantisation ("Compiling and loading
+    # torch extension: quantized_functions_cpu...")
+    logging.getLogger("nncf").setLevel(logging.WARNING)

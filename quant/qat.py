@@ -240,9 +240,8 @@ class NNCFQATQuantizer:
             data = [torch.from_numpy(t) for t in tensors]
             if not data:
                 raise ValueError("NNCF QAT needs calibration images")
-            with _quiet_nncf():
-                self.quantized = nncf.quantize(wrapped, nncf.Dataset(data), subset_size=len(data),
-                                               preset=nncf.QuantizationPreset.MIXED)
+            self.quantized = nncf.quantize(wrapped, nncf.Dataset(data), subset_size=len(data),
+                                           preset=nncf.QuantizationPreset.MIXED)
             self.calibrated = len(data)
         self.net = Named(self.quantized, self.model.spec.output_names)
         return self.net
@@ -267,19 +266,6 @@ class NNCFQATQuantizer:
         fq = sum(1 for m in self.quantized.modules() if type(m).__name__.endswith("Quantizer")) if self.net is not None else 0
         return {"method": "qat", "backend": "nncf", "steps": self.steps, "calibration_images": self.calibrated,
                 "preset": "MIXED", "fake_quantizers": fq, "weights": "per_channel"}
-
-
-@contextmanager
-def _quiet_nncf():
-    import logging
-
-    log = logging.getLogger("nncf")
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def load_qat(path, size: int):
