@@ -15,6 +15,7 @@ from converters.bundle import MESH_DECODER_FILE, FORMAT_VERSION, atomic_folder, 
 from converters.registry import TARGET_MODULES, target_module
 from edge.errors import ConfigError
 
+QAT_TARGETS = ("tflite", "openvino", "onnx", "coreml")  # targets a PT2E QAT checkpoint converts to int8 for
 GOLDEN_TOP_K = 256  # anchors per image kept in golden.npz (the reference's highest face scores)
 TOOLS = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "litert-torch", "ai-edge-litert", "ai-edge-quantizer",
          "torchao", "openvino", "nncf", "coremltools")
@@ -131,8 +132,8 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     model.spec = spec
     qat = None
     if info.kind == "qat" and precision == "int8":  # int8 from the trained fake-quantised program, no calibration
-        if target not in ("tflite", "openvino"):
-            raise ConfigError(f"QAT checkpoints convert to int8 for tflite and openvino; for {target} use its float "
+        if target not in QAT_TARGETS:
+            raise ConfigError(f"QAT checkpoints convert to int8 for {', '.join(QAT_TARGETS)}; for {target} use its float "
                               f"weights with PTQ (--weights the run's final.pth)")
         if calib is not None:
             raise ConfigError("--calib is not used with a QAT checkpoint (its ranges were learnt in training)")

@@ -3,7 +3,8 @@
 fp32 / fp16: compute precision of the whole program. int8w: fp16 program whose conv weights are
 int8 per-channel (constexpr dequantise at load; linear_quantize_weights with no size threshold,
 so the small depthwise kernels are int8 too). int8 (W8A8): the PT2E program calibrated on the
-calibration set, converted with folded weights, so activations carry quantize/dequantize pairs.
+calibration set, or the trained one of a PT2E QAT checkpoint, converted with folded weights, so
+activations carry quantize/dequantize pairs.
 
 Core ML itself runs only on macOS. Elsewhere bundles run in `converters.mil_interpreter`, a numpy
 interpreter of the program, labelled "interpreted MIL, not the Core ML runtime" wherever it reports.
@@ -66,7 +67,13 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     ct = _ct()
     x = torch.zeros(1, 3, opts.input_size, opts.input_size)
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
-    if opts.precision == "int8":
+    if opts.precision == "int8" and opts.qat is not None:
+        step(opts.progress, "the QAT program (trained ranges, no calibration), folded, then ct.convert (W8A8)")
+        ml = _convert_program(opts.qat.finalize(fold_quantize=True), x, spec, "fp16")
+        quant.update({"route": "PT2E QAT (edge compress --qat-steps), convert_pt2e(fold_quantize=True) -> ct.convert",
+                      "weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (ranges learnt in QAT)",
+                      "qat": opts.qat.report()})
+    elif opts.precision == "int8":
         from quant.ptq import converted, pt2e_calibrated
 
         step(opts.progress, f"PT2E: observing {len(calib)} calibration images")

@@ -3,9 +3,12 @@
 fp16: onnxruntime's float16 converter (weights and compute fp16, float32 input/output).
 int8: onnxruntime static quantisation, QDQ format, int8 weights per channel, uint8 activations
 calibrated on the calibration set (99.999th-percentile ranges: on group.jpg, recall of FP32 faces
-0.976 against 0.916 with MinMax, after cross-layer equalisation). The PT2E program cannot be exported to ONNX QDQ
-with int8 weights (it keeps fp32 weights and runs slower than fp32; see STACK-NOTES), so the
-ONNX int8 route quantises the exported fp32 graph instead.
+0.976 against 0.916 with MinMax, after cross-layer equalisation).
+int8 from a PT2E QAT checkpoint: the trained program (quantize/dequantize pairs) exported as it is keeps
+float weights behind QuantizeLinear -> Clip -> DequantizeLinear and float biases, which onnxruntime does not
+fuse into int8 convolutions (slower than fp32; see STACK-NOTES). `qdq_from_pt2e` rewrites it into the form
+quantize_static writes: int8 weight initializers, int32 biases at input scale x weight scale, uint8
+activations (the same grid as the program's int8 one, zero point + 128).
 """
 from __future__ import annotations
 
@@ -65,21 +68,134 @@ def _set_metadata(path: Path, meta_min: dict[str, str]) -> None:
     onnx.save(m, str(path))
 
 
+def _attr(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            import onnx
+
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def qdq_from_pt2e(m) -> dict:
+    """Rewrite, in place, an ONNX export of a converted PT2E program (fold_quantize=False) into onnxruntime's
+    fusable QDQ form. Each QuantizeLinear(float initializer) [-> Clip] -> DequantizeLinear on a weight becomes
+    an int8 initializer feeding the DequantizeLinear (the same integers: round half to even, then the
+    clip); each convolution's float bias becomes int32 at input scale x weight scale behind its own
+    DequantizeLinear; int8 per-tensor activations become uint8 (zero point + 128, the same real values).
+    -> counts of what was rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    arr = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
+    prod = {o: n for n in g.node for o in n.output}
+    drop, added, counts = set(), [], {"weights": 0, "biases": 0, "activations": 0}
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear"]:
+        src, clip = prod.get(dq.input[0]), None
+        if src is not None and src.op_type == "Clip":
+            clip, src = src, prod.get(src.input[0])
+        if src is None or src.op_type != "QuantizeLinear" or src.input[0] not in inits:
+            continue
+        w, s, zp = arr(src.input[0]), arr(src.input[1]), arr(src.input[2])
+        shape = [1] * w.ndim
+        if s.ndim:
+            shape[_attr(src, "axis", 1)] = -1
+        info = np.iinfo(zp.dtype)
+        lo, hi = info.min, info.max
+        if clip is not None:
+            lo, hi = max(lo, int(arr(clip.input[1]))), min(hi, int(arr(clip.input[2])))
+        q = np.clip(np.rint(w / s.reshape(shape)) + zp.reshape(shape).astype(np.float32), lo, hi).astype(zp.dtype)
+        name = f"{src.input[0]}_quantized"
+        added.append(numpy_helper.from_array(q, name))
+        dq.input[0] = name
+        drop.update(n.name or id(n) for n in (src, clip) if n is not None)
+        counts["weights"] += 1
+    kept = [n for n in g.node if (n.name or id(n)) not in drop]
+    inits.update({t.name: t for t in added})
+    prod = {o: n for n in kept for o in n.output}
+    bias_nodes = []
+    for conv in (n for n in kept if n.op_type == "Conv" and len(n.input) == 3 and n.input[2] in inits):
+        dx, dw = prod.get(conv.input[0]), prod.get(conv.input[1])
+        if dx is None or dw is None or dx.op_type != "DequantizeLinear" or dw.op_type != "DequantizeLinear":
+            continue
+        sb = (arr(dx.input[1]).astype(np.float64) * arr(dw.input[1]).astype(np.float64)).astype(np.float32)
+        b = arr(conv.input[2])
+        bq = np.clip(np.rint(b / sb), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+        base = conv.input[2]
+        added += [numpy_helper.from_array(bq, f"{base}_quantized"), numpy_helper.from_array(sb, f"{base}_scale"),
+                  numpy_helper.from_array(np.zeros_like(bq), f"{base}_zero_point")]
+        bias_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                                           [f"{base}_dequantized"], name=f"{base}_DequantizeLinear", axis=0))
+        conv.input[2] = f"{base}_dequantized"
+        counts["biases"] += 1
+    inits.update({t.name: t for t in added})
+    for n in kept:  # activations: per-tensor int8 -> uint8 (weights keep int8: their data input is an initializer)
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or n.input[0] in inits or len(n.input) < 3:
+            continue
+        zp = arr(n.input[2])
+        if zp.dtype != np.int8 or zp.ndim:
+            continue
+        name = f"{n.input[2]}_uint8"
+        if name not in inits:
+            t = numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8), name)
+            added.append(t)
+            inits[name] = t
+        n.input[2] = name
+        counts["activations"] += 1
+    del g.node[:]
+    g.node.extend(bias_nodes + kept)
+    used = {i for n in g.node for i in n.input}
+    keep_inits = [t for t in list(g.initializer) + added if t.name in used]
+    seen: set[str] = set()
+    del g.initializer[:]
+    g.initializer.extend(t for t in keep_inits if not (t.name in seen or seen.add(t.name)))
+    del g.value_info[:]  # the exporter's intermediate types say int8 where activations are now uint8
+    onnx.checker.check_model(m)
+    return counts
+
+
+def export_qat(qat, spec, path: Path, size: int) -> dict:
+    """The PT2E QAT program -> ONNX QDQ at `path` (int8 weights, uint8 activations). -> qdq_from_pt2e's counts."""
+    import onnx
+
+    x = torch.zeros(1, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(qat.finalize(), (x,), dynamo=True, input_names=["input"],
+                                 output_names=list(spec.output_names), external_data=False, verbose=False)
+    m = prog.model_proto
+    counts = qdq_from_pt2e(m)
+    for n in m.graph.node:  # the exporter's per-node stack traces: half the file, nothing a runtime reads
+        del n.metadata_props[:]
+        n.doc_string = ""
+    onnx.save(m, str(path))
+    return counts
+
+
 def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: dict[str, str]) -> Converted:
     import onnx
 
     out = workdir / "model.onnx"
     fp32 = workdir / "fp32.onnx.tmp"
-    step(opts.progress, "exporting with torch.onnx.export(dynamo=True)")
-    export_fp32(model, spec, fp32 if opts.precision != "fp32" else out, opts.input_size)
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
+    if opts.precision == "int8" and opts.qat is not None:
+        step(opts.progress, "the QAT program (trained ranges, no calibration), torch.onnx.export, then int8 weights")
+        counts = export_qat(opts.qat, spec, out, opts.input_size)
+        quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> torch.onnx.export -> QDQ (int8 weights folded)",
+                      "weights": "int8 per-channel symmetric", "activations": "uint8 per-tensor (ranges learnt in QAT)",
+                      "rewritten": counts, "qat": opts.qat.report()})
+    else:
+        step(opts.progress, "exporting with torch.onnx.export(dynamo=True)")
+        export_fp32(model, spec, fp32 if opts.precision != "fp32" else out, opts.input_size)
     if opts.precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         step(opts.progress, "casting to float16")
         m16 = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
         onnx.save(m16, str(out))
-    elif opts.precision == "int8":
+    elif opts.precision == "int8" and opts.qat is None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 

@@ -106,6 +106,9 @@ def cmd_compress(args) -> int:
         raise ConfigError("--qat-steps and --qat-epochs must not be negative")
     if args.qat_backend == "nncf" and args.observe_steps:
         raise ConfigError("--observe-steps is for the pt2e backend; NNCF QAT starts from its PTQ ranges (--calib)")
+    if args.qat_ranges == "learnt" and (args.qat_backend != "pt2e" or args.observe_steps):
+        raise ConfigError("--qat-ranges learnt is for the pt2e backend, starting from calibrated ranges (--observe-steps 0); "
+                          "NNCF's quantisers learn their ranges already")
     if args.size % 32:
         raise ConfigError(f"--size must be a multiple of 32, got {args.size}")
     if args.labels:
@@ -208,16 +211,20 @@ def cmd_compress(args) -> int:
                 net = q.prepare()
                 if cs is not None:
                     q.calibrate(cs.tensors(spec))
+                if args.qat_ranges == "learnt":
+                    q.learn_ranges()
             cfg = TrainConfig(out=str(qdir), iters=args.qat_steps or None, epochs=args.qat_epochs or 1, batch=args.batch,
                               lr=args.qat_lr, optimizer="adamw", weight_decay=0.0,
                               warmup=min(args.warmup, args.qat_steps or args.warmup), workers=args.workers, seed=args.seed + 100,
                               save_every=args.save_every, bn="frozen", progress=not args.quiet,
-                              extra={"qat_backend": args.qat_backend, "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
+                              extra={"qat_backend": args.qat_backend, "qat_ranges": args.qat_ranges, "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
                                      "observe_steps": args.observe_steps, "images": len(train_set),
                                      "calib": None if cs is None else (args.calib or "built-in"), "calib_count": args.calib_count})
             last = qdir / "last.pth"
             train(net, dataset, collate, step, cfg, meta={"format": 1, "kind": "qat-run", "arch": info.arch.name},
                   resume=last if last.exists() and args.resume else None, env=env, after_step=q.step)
+            if q.backend == "pt2e":
+                q.write_back()  # learnt ranges into the program's own quantisers: the checkpoint has one layout
             qat_report = q.report()
             if env.main:
                 meta = {"format": 1, "kind": "qat", "arch": info.arch.name, "teacher": {"name": info.name, "sha256": info.sha256},
@@ -273,7 +280,7 @@ def cmd_compress(args) -> int:
         h = summary["heldout_ap"]
         print(f"held-out AP (all faces, IoU 0.5): teacher {h['teacher']['ap']:.4f}, student {h['student']['ap']:.4f}")
     if args.qat_steps or args.qat_epochs:
-        print(f"wrote {out / 'qat.pth'}: the QAT model (`edge-convert --precision int8 --weights` it for tflite or openvino)",
+        print(f"wrote {out / 'qat.pth'}: the QAT model (`edge-convert --precision int8 --weights` it for tflite, openvino, onnx or coreml; NNCF's for openvino)",
               file=sys.stderr)
     print(f"wrote {out / 'final.pth'} (use with --weights; `edge eval widerface --list {out / 'heldout.txt'}` for easy/medium/hard)",
           file=sys.stderr)
@@ -308,6 +315,8 @@ def register(sub) -> None:
     p.add_argument("--observe-steps", type=int, default=0,
                    help="0: QAT activation ranges calibrated as PTQ does (histograms over --calib), then frozen; "
                    "N: moving-average min/max over the first N training steps instead")
+    p.add_argument("--qat-ranges", choices=("frozen", "learnt"), default="frozen",
+                   help="pt2e: activation ranges frozen after calibration, or scales trained with the weights (LSQ)")
     p.add_argument("--calib", default=None, help="QAT calibration images: a folder or a built .npz (default: the built-in set, "
                    "as edge-convert)")
     p.add_argument("--calib-count", type=int, default=32)

@@ -8,6 +8,10 @@ model).
 
 Activation ranges: `calibrate(images)` sets them as PTQ does (histogram observers over real, un-augmented
 images, fake quantisation off) and freezes them for training; weight ranges keep following the weights.
+`learn_ranges()` then makes each activation scale a parameter trained with the weights (LSQ: the
+gradient of torch's learnable fake-quantise op; zero points stay where calibration put them), and
+`finalize()` / `write_back()` return the learnt ranges to the program's ordinary fake-quantisers, so
+checkpoints and converters see the same structure either way.
 Without it the moving-average min/max observers run on the training batches for `observe_steps` steps and
 are then frozen; measured on the 30 %-pruned model, that lost to PTQ (OpenVINO 63.83 / 53.70 / 23.72 against
 66.04 / 55.26 / 24.53 WIDER AP), together with a weight-scale floor that made the trained simulation differ
@@ -94,6 +98,49 @@ class NamedOutputs(Named):
         return self
 
 
+def _set_range(fq, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    """Give an activation fake-quantiser the affine range (scale, zero point), both where it quantises and
+    where convert_pt2e reads it (the inner observer's min/max: the range whose parameters are exactly these,
+    zero point inside [qmin, qmax])."""
+    fq.scale.resize_(scale.shape).copy_(scale)
+    fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
+    inner = fq.activation_post_process
+    zp = zero_point.to(scale.dtype)
+    inner.min_val.resize_(scale.shape).copy_((fq.quant_min - zp) * scale)
+    inner.max_val.resize_(scale.shape).copy_((fq.quant_max - zp) * scale)
+
+
+class LearnedRange(nn.Module):
+    """Stands in for one per-tensor activation fake-quantiser while training: its scale is a parameter
+    (LSQ, Esser et al., ICLR 2020), its zero point fixed; the wrapped quantiser keeps its switches."""
+
+    MIN_SCALE = 1e-8
+
+    def __init__(self, fq: nn.Module):
+        super().__init__()
+        self.fq = fq
+        self.scale = nn.Parameter(fq.scale.detach().clone().float().reshape(1))
+        self.register_buffer("zero_point", fq.zero_point.detach().clone().float().reshape(1))
+
+    def forward(self, x):
+        if not int(self.fq.fake_quant_enabled[0]):
+            return x
+        # grad_factor 1: AdamW normalises the step; LSQ's 1/sqrt(n * qmax) matters to SGD only
+        return torch._fake_quantize_learnable_per_tensor_affine(x, self.scale, self.zero_point, self.fq.quant_min,
+                                                                self.fq.quant_max, 1.0)
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.scale.clamp_(min=self.MIN_SCALE)
+
+    def write_back(self) -> nn.Module:
+        """-> the wrapped quantiser, holding the learnt range."""
+        self.clamp_()
+        _set_range(self.fq, self.scale.detach().clone().reshape(self.fq.scale.shape),
+                   self.zero_point.round().to(self.fq.zero_point.dtype).reshape(self.fq.zero_point.shape))
+        return self.fq
+
+
 class QATQuantizer:
     backend = "pt2e"
 
@@ -165,20 +212,35 @@ class QATQuantizer:
         if not n:
             raise ValueError("calibrate() needs at least one image")
         for fq, obs in zip(acts, observers):
-            scale, zero_point = obs.calculate_qparams()
-            fq.scale.resize_(scale.shape).copy_(scale)
-            fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
-            # convert_pt2e reads the range from the inner observer's min/max, not from fq.scale: give it the
-            # range whose affine parameters are exactly these (zero point inside [qmin, qmax]: min <= 0 <= max)
-            inner = fq.activation_post_process
-            zp = zero_point.to(scale.dtype)
-            inner.min_val.resize_(scale.shape).copy_((fq.quant_min - zp) * scale)
-            inner.max_val.resize_(scale.shape).copy_((fq.quant_max - zp) * scale)
+            _set_range(fq, *obs.calculate_qparams())
             fq.enable_fake_quant()  # observer stays off: the range is the calibrated one
         for fq in weights:
             fq.enable_fake_quant()
         self.calibrated = n
         return len(acts)
+
+    def learn_ranges(self) -> list[nn.Parameter]:
+        """After calibrate(): every activation scale becomes a trainable parameter of the program (the
+        optimiser must be built after this call). -> the new parameters."""
+        if not getattr(self, "calibrated", 0):
+            raise RuntimeError("learn_ranges() starts from calibrated ranges: call calibrate() first")
+        acts = set(map(id, self._fake_quantizers()[0]))
+        self.learned, by_module = {}, {}
+        for name, mod in list(self.gm._modules.items()):  # a quantiser shared by two names gets one wrapper
+            if id(mod) in acts:
+                self.learned[name] = by_module.setdefault(id(mod), LearnedRange(mod))
+                setattr(self.gm, name, self.learned[name])
+        return [m.scale for m in by_module.values()]
+
+    def write_back(self) -> int:
+        """Put the learnt ranges into the program's own fake-quantisers (and those back in the program).
+        -> number of ranges written."""
+        learned = getattr(self, "learned", {})
+        for name, wrapper in learned.items():
+            setattr(self.gm, name, wrapper.write_back())
+        self.learned = {}
+        self.ranges_learnt = getattr(self, "ranges_learnt", 0) + len(learned)
+        return len(learned)
 
     def step(self, n: int | None = None) -> None:
         """Call after each optimiser step (n: the step count, when resuming): the observers' ranges are frozen
@@ -186,6 +248,8 @@ class QATQuantizer:
         from torchao.quantization.pt2e import disable_observer
 
         self.steps = self.steps + 1 if n is None else n
+        for wrapper in getattr(self, "learned", {}).values():
+            wrapper.clamp_()
         if getattr(self, "calibrated", 0):  # activation ranges fixed by calibrate(); weight ranges follow the weights
             return
         if self.steps >= self.observe_steps:
@@ -199,16 +263,18 @@ class QATQuantizer:
                 state[k[6:]] = v.detach().clone()
         return state
 
-    def finalize(self):
-        """-> the converted program (quantize/dequantize pairs, weights not folded): for litert-torch and
-        `ov.convert_model`."""
+    def finalize(self, fold_quantize: bool = False):
+        """-> the converted program with quantize/dequantize pairs: weights not folded for litert-torch,
+        `ov.convert_model` and the ONNX export; folded to int8 constants for coremltools."""
         from quant.ptq import converted
 
-        return converted(self.gm, fold_quantize=False)
+        self.write_back()
+        return converted(self.gm, fold_quantize=fold_quantize)
 
     def report(self) -> dict:
         fq = sum(1 for m in self.gm.modules() if type(m).__name__.endswith("FakeQuantize")) if self.gm is not None else 0
         return {"method": "qat", "steps": self.steps, "calibration_images": getattr(self, "calibrated", 0), "batch_norms_folded": getattr(self, "folded", 0), "observe_steps": self.observe_steps, "fake_quantizers": fq,
+                "activation_ranges": "learnt" if getattr(self, "learned", None) or getattr(self, "ranges_learnt", 0) else "frozen",
                 "weights": self.config.global_config.weight_granularity if self.config.global_config else None}
 
 
@@ -294,12 +360,14 @@ def load_qat(path, size: int):
             q.quantized.load_state_dict(ck["qat_state"])
         except Exception as e:  # nncf raises its own types for a config that does not fit
             raise WeightsError(f"{path}: its NNCF QAT state does not fit the model ({str(e)[:200]})") from None
-        q.steps = int(ck.get("retinaface_edge", {}).get("qat", {}).get("steps", 0))
-        return q, model
-    q = QATQuantizer(model, size=size, observe_steps=0)
-    net = q.prepare()
-    try:
-        net.load_state_dict(ck["qat_state"])
-    except RuntimeError as e:
-        raise WeightsError(f"{path}: its QAT state does not fit the model ({str(e)[:200]})") from None
+    else:
+        q = QATQuantizer(model, size=size, observe_steps=0)
+        net = q.prepare()
+        try:
+            net.load_state_dict(ck["qat_state"])
+        except RuntimeError as e:
+            raise WeightsError(f"{path}: its QAT state does not fit the model ({str(e)[:200]})") from None
+    trained = ck.get("retinaface_edge", {}).get("qat", {})  # what the training run reported, for the bundle's metadata
+    q.steps = int(trained.get("steps", 0))
+    q.calibrated = int(trained.get("calibration_images", 0))
     return q, model

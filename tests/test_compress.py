@@ -164,12 +164,18 @@ def test_compress_config_resolution(default_model):
 
 
 @pytest.mark.qat
-def test_qat_run_converts_for_tflite_and_openvino(shared, tmp_path):
+def test_qat_run_converts_for_every_target(shared, tmp_path):
     """edge compress --qat-steps: the QAT checkpoint loads as float weights, its observers froze after
-    --observe-steps, and edge-convert builds int8 TFLite and OpenVINO bundles from the trained program."""
+    --observe-steps, and edge-convert builds int8 TFLite, OpenVINO, ONNX QDQ and CoreML W8A8 bundles from the
+    trained program. The ONNX graph carries int8 weights and int32 biases, so onnxruntime fuses every
+    convolution into QLinearConv, and computes what the fake-quantised torch model computes."""
+    import onnx
+    import onnxruntime as ort
+
     from converters.api import convert
     from converters.bundle import read_metadata
     from edge.cli import main
+    from quant.qat import load_qat
 
     out = tmp_path / "run"
     assert main(["compress", "--images", str(shared / "images"), "--prune", "0.3", "--iters", "1", "--qat-steps", "3",
@@ -180,19 +186,35 @@ def test_qat_run_converts_for_tflite_and_openvino(shared, tmp_path):
     assert len(observers) > 100 and all(int(v) == 0 for v in observers)
     model, info = load_weights(out / "qat.pth")
     assert info.kind == "qat" and sum(p.numel() for p in model.parameters()) < 300_000
-    for target, key in (("tflite", "ops"), ("openvino", "conv_weight_types")):
+    bundles = {}
+    for target in ("tflite", "openvino", "onnx", "coreml"):
         res = convert(target, "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / target, progress=False)
         meta = read_metadata(res.bundle)[1]
         q = meta["quantization"]
-        assert "QAT" in q["route"] and meta["calibration"] is None and res.parity["recall"] is not None
+        assert "QAT" in q["route"] and meta["calibration"] is None and res.parity["recall"] is not None, target
+        assert q["qat"]["steps"] == 3, target
+        bundles[target] = res.bundle
         if target == "tflite":
             assert q["ops"].get("CONV_2D:int8", 0) >= 40 and q["ops"].get("DEPTHWISE_CONV_2D:int8", 0) == 13
-        else:
+        elif target == "openvino":
             assert q["conv_weight_types"].get("i8", 0) == 59
-    from edge.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="QAT"):
-        convert("onnx", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "onnx", progress=False)
+        elif target == "onnx":
+            assert q["ops"]["int8_conv_weights"] == 59 and q["rewritten"] == {"weights": 59, "biases": 59, "activations": q["rewritten"]["activations"]}
+            assert "Clip" not in q["ops"]["nodes"]  # the weight clips were folded into the int8 initializers
+        else:
+            assert q["int8_weight_tensors"] >= 50
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(bundles["onnx"] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert fused.count("QLinearConv") == 59 and "Conv" not in fused
+    qat, model = load_qat(out / "qat.pth", 160)
+    x = np.random.default_rng(0).uniform(-120, 130, (1, 3, 160, 160)).astype(np.float32)
+    with torch.no_grad():
+        sim = dict(zip(model.spec.output_names, (t.numpy() for t in qat.finalize()(torch.from_numpy(x)))))
+    got = dict(zip(model.spec.output_names, session.run(None, {"input": x})))
+    # the same quantised arithmetic; int8 rounding at a few grid points may differ (one step of a late layer)
+    assert np.median(np.abs(got["loc"] - sim["loc"])) < 0.02 and np.abs(got["conf"] - sim["conf"]).max() < 0.1
 
 
 def test_qat_folds_batch_norm_scales_without_changing_the_function():
@@ -287,6 +309,76 @@ def test_qat_calibration_sets_activation_ranges_as_ptq_does(default_model):
 
 
 @pytest.mark.qat
+def test_qat_learnt_ranges_train_and_write_back(default_model):
+    """learn_ranges(): the calibrated activation scales become parameters that get gradients and move with the
+    optimiser; write_back() returns them to the program's own quantisers (a quantiser reached by two names
+    gets one parameter), and the program computes the same with either, as does the converted program."""
+    import copy
+
+    from calib_data.build import load_calibration
+    from quant.qat import LearnedRange, QATQuantizer
+
+    model, _ = default_model
+    m = copy.deepcopy(model)
+    m.spec = m.spec.with_input_size(160)
+    cs = load_calibration(None, 160, 2, m.spec.mean, progress=False)
+    q = QATQuantizer(m, size=160)
+    net = q.prepare()
+    with pytest.raises(RuntimeError, match="calibrate"):
+        q.learn_ranges()
+    q.calibrate(cs.tensors(m.spec))
+    scales = q.learn_ranges()
+    assert len(scales) == len(q._fake_quantizers()[0]) and all(isinstance(s, torch.nn.Parameter) for s in scales)
+    before = torch.cat([s.detach().clone() for s in scales])
+    x = torch.from_numpy(next(iter(cs.tensors(m.spec))))
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3, weight_decay=0)
+    for _ in range(2):
+        loss = sum(v.pow(2).mean() for v in net(x).values())
+        opt.zero_grad()
+        loss.backward()
+        assert sum(int(s.grad is not None and bool(s.grad.abs().sum() > 0)) for s in scales) > len(scales) // 2
+        opt.step()
+        q.step()
+    learnt = torch.cat([s.detach().clone() for s in scales])
+    assert (learnt != before).sum() > len(scales) // 2 and (learnt > 0).all()
+    from torchao.quantization.pt2e import disable_observer
+
+    q.gm.apply(disable_observer)  # weight ranges otherwise move with every forward pass
+    with torch.no_grad():
+        sim = net(x)
+    assert q.write_back() >= len(scales) and not any(isinstance(mod, LearnedRange) for mod in q.gm.modules())
+    assert sorted(float(f.scale) for f in q._fake_quantizers()[0]) == pytest.approx(sorted(learnt.tolist()), rel=1e-6)
+    with torch.no_grad():
+        plain = net(x)
+        conv = dict(zip(m.spec.output_names, q.finalize()(x)))
+    for k in sim:
+        assert torch.allclose(sim[k], plain[k], atol=1e-5) and torch.allclose(sim[k], conv[k], atol=1e-5), k
+    assert q.report()["activation_ranges"] == "learnt"
+
+
+@pytest.mark.qat
+def test_compress_qat_learnt_ranges_run(shared, tmp_path):
+    """edge compress --qat-ranges learnt: the run records the choice and writes a checkpoint of the ordinary layout
+    (the learnt ranges written back), which loads and converts (the training of the scales itself:
+    test_qat_learnt_ranges_train_and_write_back)."""
+    from converters.api import convert
+    from edge.cli import main
+    from quant.qat import LearnedRange, load_qat
+
+    out = tmp_path / "run"
+    assert main(["compress", "--images", str(shared / "images"), "--prune", "0.3", "--iters", "1", "--qat-steps", "2",
+                 "--qat-ranges", "learnt", "--calib-count", "2", "--batch", "1", "--size", "160", "--val", "1",
+                 "--warmup", "1", "--threads", "1", "--out", str(out), "--quiet"]) == 0
+    ck = torch.load(out / "qat.pth", weights_only=True)
+    meta = ck["retinaface_edge"]
+    assert meta["qat"]["activation_ranges"] == "learnt" and meta["train"]["qat_ranges"] == "learnt"
+    q, _ = load_qat(out / "qat.pth", 160)
+    assert not any(isinstance(m, LearnedRange) for m in q.gm.modules()) and q.report()["steps"] == 2
+    res = convert("onnx", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "onnx", progress=False)
+    assert res.parity["recall"] is not None
+
+
+@pytest.mark.qat
 def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
     """--qat-backend nncf: the checkpoint rebuilds NNCF's quantised model (config as JSON, no pickle), the trained
     model converts to an OpenVINO bundle whose convolutions run int8 and whose outputs are those of the
@@ -323,7 +415,9 @@ def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
 
 @pytest.mark.parametrize("extra, match", [(["--qat-steps", "2", "--qat-epochs", "1"], "not both"),
                                           (["--qat-steps", "-1"], "negative"),
-                                          (["--qat-steps", "2", "--qat-backend", "nncf", "--observe-steps", "5"], "observe-steps")])
+                                          (["--qat-steps", "2", "--qat-backend", "nncf", "--observe-steps", "5"], "observe-steps"),
+                                          (["--qat-steps", "2", "--qat-backend", "nncf", "--qat-ranges", "learnt"], "learnt"),
+                                          (["--qat-steps", "2", "--observe-steps", "5", "--qat-ranges", "learnt"], "learnt")])
 def test_compress_qat_options_are_checked_before_any_work(shared, tmp_path, capsys, extra, match):
     from edge.cli import main
 
