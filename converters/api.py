@@ -16,6 +16,7 @@ from converters.registry import TARGET_MODULES, target_module
 from edge.errors import ConfigError
 
 QAT_TARGETS = ("tflite", "openvino", "onnx", "coreml")  # targets a PT2E QAT checkpoint converts to int8 for
+FLOAT_MODULE_TARGETS = ("tflite", "coreml")  # whose int8 PTQ is the PT2E program: modules can stay float
 GOLDEN_TOP_K = 256  # anchors per image kept in golden.npz (the reference's highest face scores)
 TOOLS = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "litert-torch", "ai-edge-litert", "ai-edge-quantizer",
          "torchao", "openvino", "nncf", "coremltools")
@@ -108,11 +109,12 @@ def default_out(target: str, precision: str, size: int) -> Path:
 
 def convert(target: str, precision: str = "fp32", *, weights: str = "default", arch: str | None = None, input_size: int = 640,
             calib: str | None = None, calib_count: int = 32, out: str | Path | None = None, progress: bool = True,
-            equalize: bool | None = None) -> ConvertResult:
+            equalize: bool | None = None, float_modules=()) -> ConvertResult:
     """Convert the model to one target's bundle. Unsupported requests raise ConfigError before any work.
 
     equalize: for int8, apply cross-layer equalisation to the backbone first (function-preserving);
-    None takes the target's measured default (`Capabilities.int8_equalize`)."""
+    None takes the target's measured default (`Capabilities.int8_equalize`).
+    float_modules: for the PT2E int8 routes (tflite, coreml), model modules (e.g. "body.stage1") left float."""
     from calib_data.build import load_calibration
     from edge.weights import load_weights
 
@@ -123,6 +125,10 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         raise ConfigError(f"input size must be a positive multiple of 32, got {input_size}")
     if calib is not None and precision != "int8":
         raise ConfigError(f"--calib is only used for int8, not {precision}")
+    float_modules = tuple(float_modules or ())
+    if float_modules and (precision != "int8" or target not in FLOAT_MODULE_TARGETS):
+        raise ConfigError(f"--float-modules applies to the PT2E int8 routes ({', '.join(FLOAT_MODULE_TARGETS)}), "
+                          f"not {target} {precision}")
     out = Path(out) if out else default_out(target, precision, input_size)
     t0 = time.perf_counter()
     model, info = load_weights(weights, arch=arch)
@@ -130,6 +136,12 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         raise ConfigError(f"{info.arch.name} needs an input size that is a multiple of {model.spec.pad_multiple}, got {input_size}")
     spec = model.spec.with_input_size(input_size)
     model.spec = spec
+    if float_modules:
+        from quant.config import check_module_names
+
+        check_module_names(model, float_modules)
+        if info.kind == "qat":
+            raise ConfigError("a QAT checkpoint's float modules were fixed in training (edge compress --float-modules)")
     qat = None
     if info.kind == "qat" and precision == "int8":  # int8 from the trained fake-quantised program, no calibration
         if target not in QAT_TARGETS:
@@ -174,8 +186,10 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         qmodel.spec = spec
         eq_report["fp32_max_abs_change"] = _max_change(model, qmodel, spec)
     with atomic_folder(out) as tmp:
-        conv = mod.convert(qmodel, spec, ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat), tmp, cs, meta_min)
+        conv = mod.convert(qmodel, spec, ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules), tmp, cs, meta_min)
         conv.quantization["cross_layer_equalization"] = eq_report
+        if float_modules:
+            conv.quantization["float_modules"] = list(float_modules)
         gold = golden(model, spec, input_size)
         np.savez_compressed(tmp / "golden.npz", **gold)
         extra = list(conv.extra_files)

@@ -60,6 +60,7 @@ class ConvertOptions:
     calib_count: int = 32
     progress: bool = True
     qat: object = None  # int8 from a QAT checkpoint: its prepared quant.qat.QATQuantizer (no calibration)
+    float_modules: tuple = ()  # PT2E int8 (tflite, coreml): model modules left float (quant.ptq.pt2e_quantizer)
 
 
 @dataclass

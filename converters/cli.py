@@ -39,6 +39,9 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="bundle folder (for --target all: the parent folder)")
     ap.add_argument("--equalize", choices=["auto", "on", "off"], default="auto",
                     help="int8: cross-layer equalisation of the backbone before quantising (auto: per target, as measured)")
+    ap.add_argument("--float-modules", default="", metavar="NAMES",
+                    help="int8 for tflite and coreml: comma-separated model modules left float, e.g. body.stage1 "
+                    "(the high-resolution layers that lose most to int8)")
     ap.add_argument("--no-parity-gate", action="store_true", help="exit 0 even when the bundle fails its parity gates")
     ap.add_argument("--list", action="store_true", help="print the targets table and exit")
     ap.add_argument("--quiet", action="store_true")
@@ -56,14 +59,17 @@ def main(argv=None) -> int:
         return 0
     if not args.target:
         ap.error("--target is required (or --list)")
-    from converters.api import convert, default_out
+    from converters.api import FLOAT_MODULE_TARGETS, convert, default_out
 
     try:
         if args.input_size is None:
             raise ConfigError("bundles have a fixed input size; 'native' is for edge detect/eval with --weights")
         targets = list(TARGET_MODULES) if args.target == "all" else [args.target]
+        float_modules = tuple(n for n in args.float_modules.split(",") if n)
         for t in targets:  # refuse before any work
             capabilities(t).check(args.precision)
+            if float_modules and t not in FLOAT_MODULE_TARGETS:
+                raise ConfigError(f"--float-modules applies to {', '.join(FLOAT_MODULE_TARGETS)} int8, not {t}")
         results = []
         for t in targets:
             out = args.out
@@ -71,7 +77,7 @@ def main(argv=None) -> int:
                 out = Path(args.out or "bundles") / f"retinaface-{t}-{args.precision}-{args.input_size}"
             results.append(convert(t, args.precision, weights=args.weights, arch=args.arch, input_size=args.input_size,
                                    calib=args.calib, calib_count=args.calib_count, out=out, progress=not args.quiet,
-                                   equalize={'auto': None, 'on': True, 'off': False}[args.equalize]))
+                                   equalize={'auto': None, 'on': True, 'off': False}[args.equalize], float_modules=float_modules))
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -77,7 +77,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         from quant.ptq import converted, pt2e_calibrated
 
         step(opts.progress, f"PT2E: observing {len(calib)} calibration images")
-        gm, _ = pt2e_calibrated(model, spec, calib, opts.progress)
+        gm, _ = pt2e_calibrated(model, spec, calib, opts.progress, opts.float_modules)
         gm = converted(gm, fold_quantize=True)
         step(opts.progress, "ct.convert (W8A8)")
         ml = _convert_program(gm, x, spec, "fp16")

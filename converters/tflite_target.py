@@ -38,12 +38,12 @@ def _convert_fp32(model, x: torch.Tensor, path: Path) -> None:
     litert_torch.convert(TupleOutputs(model).eval(), (x,)).export(str(path))
 
 
-def _convert_int8(model, x, calib, spec, path: Path, progress: bool) -> dict:
+def _convert_int8(model, x, calib, spec, path: Path, progress: bool, float_modules=()) -> dict:
     import litert_torch
     from litert_torch.quantize.quant_config import QuantConfig
     from quant.ptq import converted, pt2e_calibrated
 
-    gm, quantizer = pt2e_calibrated(model, spec, calib, progress)
+    gm, quantizer = pt2e_calibrated(model, spec, calib, progress, float_modules)
     gm = converted(gm, fold_quantize=False)
     litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
     return {"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (histogram observer)"}
@@ -117,7 +117,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
                       "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
     elif opts.precision == "int8":
         step(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert")
-        quant.update(_convert_int8(model, x, calib, spec, out, opts.progress))
+        quant.update(_convert_int8(model, x, calib, spec, out, opts.progress, opts.float_modules))
     else:
         step(opts.progress, "litert_torch.convert")
         tmp = workdir / "fp32.tflite.tmp"

@@ -106,6 +106,9 @@ def cmd_compress(args) -> int:
         raise ConfigError("--qat-steps and --qat-epochs must not be negative")
     if args.qat_backend == "nncf" and args.observe_steps:
         raise ConfigError("--observe-steps is for the pt2e backend; NNCF QAT starts from its PTQ ranges (--calib)")
+    float_modules = tuple(n for n in (args.float_modules or "").split(",") if n)
+    if float_modules and args.qat_backend != "pt2e":
+        raise ConfigError("--float-modules is for the pt2e QAT program (NNCF places its own quantisers)")
     if args.qat_ranges == "learnt" and (args.qat_backend != "pt2e" or args.observe_steps):
         raise ConfigError("--qat-ranges learnt is for the pt2e backend, starting from calibrated ranges (--observe-steps 0); "
                           "NNCF's quantisers learn their ranges already")
@@ -128,7 +131,7 @@ def cmd_compress(args) -> int:
     if env.world > 1 and args.importance == "taylor":
         raise ConfigError("--importance taylor ranks channels on each process's own batch; use magnitude under torchrun")
     teacher, info = load_weights(args.weights, arch=args.arch)
-    check_module_names(teacher, [*overrides, *(args.freeze or [])])
+    check_module_names(teacher, [*overrides, *(args.freeze or []), *float_modules])
     spec = teacher.spec.with_input_size(args.size)
     teacher.spec = spec
     teacher.to(env.device).eval()
@@ -207,7 +210,7 @@ def cmd_compress(args) -> int:
                 q = NNCFQATQuantizer(student, size=args.size)
                 net = q.prepare(cs.tensors(spec))
             else:
-                q = QATQuantizer(student, size=args.size, observe_steps=args.observe_steps)
+                q = QATQuantizer(student, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules)
                 net = q.prepare()
                 if cs is not None:
                     q.calibrate(cs.tensors(spec))
@@ -217,7 +220,7 @@ def cmd_compress(args) -> int:
                               lr=args.qat_lr, optimizer="adamw", weight_decay=0.0,
                               warmup=min(args.warmup, args.qat_steps or args.warmup), workers=args.workers, seed=args.seed + 100,
                               save_every=args.save_every, bn="frozen", progress=not args.quiet,
-                              extra={"qat_backend": args.qat_backend, "qat_ranges": args.qat_ranges, "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
+                              extra={"qat_backend": args.qat_backend, "qat_ranges": args.qat_ranges, "float_modules": list(float_modules), "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
                                      "observe_steps": args.observe_steps, "images": len(train_set),
                                      "calib": None if cs is None else (args.calib or "built-in"), "calib_count": args.calib_count})
             last = qdir / "last.pth"
@@ -315,6 +318,8 @@ def register(sub) -> None:
     p.add_argument("--observe-steps", type=int, default=0,
                    help="0: QAT activation ranges calibrated as PTQ does (histograms over --calib), then frozen; "
                    "N: moving-average min/max over the first N training steps instead")
+    p.add_argument("--float-modules", default="", metavar="NAMES",
+                   help="pt2e QAT: comma-separated model modules left float in the program, e.g. body.stage1")
     p.add_argument("--qat-ranges", choices=("frozen", "learnt"), default="frozen",
                    help="pt2e: activation ranges frozen after calibration, or scales trained with the weights (LSQ)")
     p.add_argument("--calib", default=None, help="QAT calibration images: a folder or a built .npz (default: the built-in set, "

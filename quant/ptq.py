@@ -35,17 +35,47 @@ def quantization_config(per_channel: bool = True, qat: bool = False):
     return dataclasses.replace(cfg, weight=dataclasses.replace(w, observer_or_fake_quant_ctr=ctr))
 
 
-def pt2e_calibrated(model, spec, calib, progress: bool = True):
-    """-> (prepared-and-observed GraphModule, quantizer). Finish with `converted` (fold_quantize=False
-    for litert-torch, True for coremltools)."""
+def _module_path(node) -> list[str]:
+    """The model-relative names of the modules a node of an exported TupleOutputs(model) graph belongs to."""
+    names = []
+    for n, _ in (node.meta.get("nn_module_stack") or {}).values():
+        n = n[len("L['self']."):] if n.startswith("L['self'].") else n
+        names.append(n[len("model."):] if n.startswith("model.") else n)
+    return names
+
+
+def pt2e_quantizer(float_modules=(), qat: bool = False, per_channel: bool = True):
+    """litert-torch's PT2E quantizer with our config; the modules named in float_modules (model-relative names,
+    e.g. "body.stage1", with everything under them) are left unannotated, so they stay float: the converters
+    put a dequantize before them and a quantize after. (litert-torch 0.10 refuses set_module_name(name, None).)"""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+
+    float_modules = tuple(float_modules)
+
+    class Quantizer(PT2EQuantizer):
+        def annotate(self, model):
+            model = super().annotate(model)
+            if float_modules:
+                for node in model.graph.nodes:
+                    if any(p == f or p.startswith(f + ".") for p in _module_path(node) for f in float_modules):
+                        node.meta.pop("quantization_annotation", None)
+            return model
+
+    q = Quantizer().set_global(quantization_config(per_channel, qat=qat))
+    q.float_modules = float_modules
+    return q
+
+
+def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=()):
+    """-> (prepared-and-observed GraphModule, quantizer). Finish with `converted` (fold_quantize=False
+    for litert-torch, True for coremltools). float_modules stay float (see pt2e_quantizer)."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from tqdm import tqdm
 
     size = spec.input_size
     x = torch.zeros(1, 3, size, size)
     gm = torch.export.export(TupleOutputs(model).eval(), (x,)).module()
-    quantizer = PT2EQuantizer().set_global(quantization_config())
+    quantizer = pt2e_quantizer(float_modules)
     gm = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
         for t in tqdm(list(calib.tensors(spec)), desc="calibrating", unit="img", disable=not progress):

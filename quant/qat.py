@@ -144,15 +144,17 @@ class LearnedRange(nn.Module):
 class QATQuantizer:
     backend = "pt2e"
 
-    def __init__(self, model, config: QuantConfig | None = None, size: int = 640, observe_steps: int = 50):
+    def __init__(self, model, config: QuantConfig | None = None, size: int = 640, observe_steps: int = 50, float_modules=()):
         self.model, self.config, self.size, self.observe_steps = model, config or QuantConfig(), size, observe_steps
+        self.float_modules = tuple(float_modules)  # left float in the program (quant.ptq.pt2e_quantizer)
         self.steps, self.gm, self.quantizer = 0, None, None
 
     def prepare(self) -> NamedOutputs:
         """-> the fake-quantised model (named outputs), ready to train."""
-        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+        from quant.ptq import pt2e_quantizer
 
         g = self.config.global_config
         if g is None or g.activation_bits is None:
@@ -162,7 +164,7 @@ class QATQuantizer:
         x = torch.zeros(2, 3, self.size, self.size)
         batch = torch.export.Dim("batch", min=1, max=256)
         gm = torch.export.export(TupleOutputs(self.model.eval()), (x,), dynamic_shapes={"x": {0: batch}}).module()
-        self.quantizer = PT2EQuantizer().set_global(quantization_config(g.weight_granularity == "per_channel", qat=True))
+        self.quantizer = pt2e_quantizer(self.float_modules, qat=True, per_channel=g.weight_granularity == "per_channel")
         with _module_patterns():
             gm = prepare_qat_pt2e(gm, self.quantizer)
         self.gm = move_exported_model_to_eval(gm)  # batch norms frozen; fake quantisation stays on
@@ -274,6 +276,7 @@ class QATQuantizer:
     def report(self) -> dict:
         fq = sum(1 for m in self.gm.modules() if type(m).__name__.endswith("FakeQuantize")) if self.gm is not None else 0
         return {"method": "qat", "steps": self.steps, "calibration_images": getattr(self, "calibrated", 0), "batch_norms_folded": getattr(self, "folded", 0), "observe_steps": self.observe_steps, "fake_quantizers": fq,
+                "float_modules": list(self.float_modules),
                 "activation_ranges": "learnt" if getattr(self, "learned", None) or getattr(self, "ranges_learnt", 0) else "frozen",
                 "weights": self.config.global_config.weight_granularity if self.config.global_config else None}
 
@@ -361,7 +364,8 @@ def load_qat(path, size: int):
         except Exception as e:  # nncf raises its own types for a config that does not fit
             raise WeightsError(f"{path}: its NNCF QAT state does not fit the model ({str(e)[:200]})") from None
     else:
-        q = QATQuantizer(model, size=size, observe_steps=0)
+        trained = ck.get("retinaface_edge", {}).get("qat", {})
+        q = QATQuantizer(model, size=size, observe_steps=0, float_modules=trained.get("float_modules") or ())
         net = q.prepare()
         try:
             net.load_state_dict(ck["qat_state"])

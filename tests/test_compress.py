@@ -358,24 +358,31 @@ def test_qat_learnt_ranges_train_and_write_back(default_model):
 
 @pytest.mark.qat
 def test_compress_qat_learnt_ranges_run(shared, tmp_path):
-    """edge compress --qat-ranges learnt: the run records the choice and writes a checkpoint of the ordinary layout
-    (the learnt ranges written back), which loads and converts (the training of the scales itself:
-    test_qat_learnt_ranges_train_and_write_back)."""
+    """edge compress --qat-ranges learnt --float-modules body.stage1: the run records both and writes a checkpoint of
+    the ordinary layout (the learnt ranges written back), which loads with its float modules and converts (the
+    training of the scales itself: test_qat_learnt_ranges_train_and_write_back)."""
     from converters.api import convert
+    from converters.bundle import read_metadata
     from edge.cli import main
     from quant.qat import LearnedRange, load_qat
 
     out = tmp_path / "run"
     assert main(["compress", "--images", str(shared / "images"), "--prune", "0.3", "--iters", "1", "--qat-steps", "2",
-                 "--qat-ranges", "learnt", "--calib-count", "2", "--batch", "1", "--size", "160", "--val", "1",
-                 "--warmup", "1", "--threads", "1", "--out", str(out), "--quiet"]) == 0
+                 "--qat-ranges", "learnt", "--float-modules", "body.stage1", "--calib-count", "2", "--batch", "1",
+                 "--size", "160", "--val", "1", "--warmup", "1", "--threads", "1", "--out", str(out), "--quiet"]) == 0
     ck = torch.load(out / "qat.pth", weights_only=True)
     meta = ck["retinaface_edge"]
     assert meta["qat"]["activation_ranges"] == "learnt" and meta["train"]["qat_ranges"] == "learnt"
+    assert meta["qat"]["float_modules"] == ["body.stage1"]
     q, _ = load_qat(out / "qat.pth", 160)
     assert not any(isinstance(m, LearnedRange) for m in q.gm.modules()) and q.report()["steps"] == 2
+    assert q.float_modules == ("body.stage1",)
+    res = convert("tflite", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "tfl", progress=False)
+    ops = read_metadata(res.bundle)[1]["quantization"]["ops"]
+    assert ops["CONV_2D:float32"] == 6 and ops["DEPTHWISE_CONV_2D:float32"] == 5  # body.stage1 stayed float
     res = convert("onnx", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "onnx", progress=False)
-    assert res.parity["recall"] is not None
+    rewritten = read_metadata(res.bundle)[1]["quantization"]["rewritten"]
+    assert rewritten["weights"] == rewritten["biases"] == 59 - 11 and res.parity["recall"] is not None
 
 
 @pytest.mark.qat
@@ -417,7 +424,9 @@ def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
                                           (["--qat-steps", "-1"], "negative"),
                                           (["--qat-steps", "2", "--qat-backend", "nncf", "--observe-steps", "5"], "observe-steps"),
                                           (["--qat-steps", "2", "--qat-backend", "nncf", "--qat-ranges", "learnt"], "learnt"),
-                                          (["--qat-steps", "2", "--observe-steps", "5", "--qat-ranges", "learnt"], "learnt")])
+                                          (["--qat-steps", "2", "--observe-steps", "5", "--qat-ranges", "learnt"], "learnt"),
+                                          (["--qat-steps", "2", "--qat-backend", "nncf", "--float-modules", "body"], "float-modules"),
+                                          (["--qat-steps", "2", "--float-modules", "body.stage9"], "body.stage9")])
 def test_compress_qat_options_are_checked_before_any_work(shared, tmp_path, capsys, extra, match):
     from edge.cli import main
 

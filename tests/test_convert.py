@@ -105,7 +105,32 @@ def test_unsupported_combinations_refused_before_work(tmp_path):
         convert("onnx", "fp32", calib=str(tmp_path), out=out)
     with pytest.raises(ConfigError, match="multiple of 32"):
         convert("onnx", "fp32", input_size=100, out=out)
+    with pytest.raises(ConfigError, match="float-modules applies"):
+        convert("onnx", "int8", float_modules=["body.stage1"], out=out)
+    with pytest.raises(ConfigError, match="float-modules applies"):
+        convert("tflite", "fp16", float_modules=["body.stage1"], out=out)
+    with pytest.raises(ConfigError, match="no module named 'body.stage9'"):
+        convert("tflite", "int8", float_modules=["body.stage9"], out=out)
     assert not out.exists()
+
+
+def test_int8_with_float_modules(bundles, tmp_path):
+    """--float-modules body.stage1: the named layers stay float in the TFLite program (a dequantize before them, a
+    quantize after), the rest int8; the bundle says so, and every output tensor is closer to FP32 than the
+    all-int8 bundle's (the high-resolution layers are where int8 loses most)."""
+    pytest.importorskip("litert_torch")
+    from converters.bundle import read_metadata
+
+    res = convert("tflite", "int8", float_modules=["body.stage1"], out=tmp_path / "b", progress=False)
+    q = read_metadata(res.bundle)[1]["quantization"]
+    ops = q["ops"]
+    assert q["float_modules"] == ["body.stage1"] and res.parity["passed"]
+    all_int8 = read_metadata(bundles("tflite", "int8"))[1]["parity"]["tensors"]
+    for name, t in res.parity["tensors"].items():
+        assert t["snr_db"] > all_int8[name]["snr_db"], name
+    # body.stage1: 6 full convolutions and 5 depthwise ones; the other 40 + 8 stay int8
+    assert ops["CONV_2D:float32"] == 6 and ops["DEPTHWISE_CONV_2D:float32"] == 5
+    assert ops["CONV_2D:int8"] == 40 and ops["DEPTHWISE_CONV_2D:int8"] == 8
 
 
 def test_cli_list_and_refusal(capsys):
