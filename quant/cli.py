@@ -107,6 +107,8 @@ def cmd_compress(args) -> int:
     if args.qat_backend == "nncf" and args.observe_steps:
         raise ConfigError("--observe-steps is for the pt2e backend; NNCF QAT starts from its PTQ ranges (--calib)")
     float_modules = tuple(n for n in (args.float_modules or "").split(",") if n)
+    if (float_modules or args.qat_ranges != "frozen") and not (args.qat_steps or args.qat_epochs):
+        raise ConfigError("--float-modules and --qat-ranges shape the QAT program: give --qat-steps or --qat-epochs")
     if float_modules and args.qat_backend != "pt2e":
         raise ConfigError("--float-modules is for the pt2e QAT program (NNCF places its own quantisers)")
     if args.qat_ranges == "learnt" and (args.qat_backend != "pt2e" or args.observe_steps):

@@ -426,7 +426,8 @@ def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
                                           (["--qat-steps", "2", "--qat-backend", "nncf", "--qat-ranges", "learnt"], "learnt"),
                                           (["--qat-steps", "2", "--observe-steps", "5", "--qat-ranges", "learnt"], "learnt"),
                                           (["--qat-steps", "2", "--qat-backend", "nncf", "--float-modules", "body"], "float-modules"),
-                                          (["--qat-steps", "2", "--float-modules", "body.stage9"], "body.stage9")])
+                                          (["--qat-steps", "2", "--float-modules", "body.stage9"], "body.stage9"),
+                                          (["--float-modules", "body.stage1"], "give --qat-steps")])
 def test_compress_qat_options_are_checked_before_any_work(shared, tmp_path, capsys, extra, match):
     from edge.cli import main
 
