@@ -315,7 +315,7 @@ def register(sub) -> None:
     p.add_argument("--qat-epochs", type=int, default=0, help="quantisation-aware training for this many passes over the "
                    "training images instead of --qat-steps")
     p.add_argument("--qat-backend", choices=("pt2e", "nncf"), default="pt2e",
-                   help="pt2e: one PT2E program for tflite and openvino; nncf: NNCF's quantisers, openvino only")
+                   help="pt2e: one PT2E program for tflite, openvino, onnx and coreml; nncf: NNCF's quantisers, openvino only")
     p.add_argument("--qat-lr", type=float, default=2e-5)
     p.add_argument("--observe-steps", type=int, default=0,
                    help="0: QAT activation ranges calibrated as PTQ does (histograms over --calib), then frozen; "

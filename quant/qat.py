@@ -1,6 +1,8 @@
 """Quantisation-aware training with PT2E: one fake-quantised program (int8 per-channel weights, int8
 per-tensor activations) trained by distillation from the FP32 model, then converted for TFLite
-(litert-torch) and OpenVINO (`ov.convert_model` of the converted program keeps u8 convolutions).
+(litert-torch), OpenVINO (`ov.convert_model` of the converted program keeps u8 convolutions), ONNX
+(exported, then rewritten to int8 weights: converters.onnx_target.qdq_from_pt2e) and CoreML (weights
+folded). Modules named in float_modules stay float in the program (quant.ptq.pt2e_quantizer).
 
 prepare -> train, calling step() after every optimiser step -> finalize, and report(). Batch norms are
 frozen (running statistics fixed: batches here are small, and batch-norm training at batch 1 ruins the
