@@ -61,9 +61,7 @@ def pt2e_quantizer(float_modules=(), qat: bool = False, per_channel: bool = True
                         node.meta.pop("quantization_annotation", None)
             return model
 
-    q = Quantizer().set_global(quantization_config(per_channel, qat=qat))
-    q.float_modules = float_modules
-    return q
+    return Quantizer().set_global(quantization_config(per_channel, qat=qat))
 
 
 def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=()):

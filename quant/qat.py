@@ -243,7 +243,7 @@ class QATQuantizer:
         for name, wrapper in learned.items():
             setattr(self.gm, name, wrapper.write_back())
         self.learned = {}
-        self.ranges_learnt = getattr(self, "ranges_learnt", 0) + len(learned)
+        self.ranges_learnt = getattr(self, "ranges_learnt", False) or bool(learned)
         return len(learned)
 
     def step(self, n: int | None = None) -> None:
@@ -279,7 +279,7 @@ class QATQuantizer:
         fq = sum(1 for m in self.gm.modules() if type(m).__name__.endswith("FakeQuantize")) if self.gm is not None else 0
         return {"method": "qat", "steps": self.steps, "calibration_images": getattr(self, "calibrated", 0), "batch_norms_folded": getattr(self, "folded", 0), "observe_steps": self.observe_steps, "fake_quantizers": fq,
                 "float_modules": list(self.float_modules),
-                "activation_ranges": "learnt" if getattr(self, "learned", None) or getattr(self, "ranges_learnt", 0) else "frozen",
+                "activation_ranges": "learnt" if getattr(self, "learned", None) or getattr(self, "ranges_learnt", False) else "frozen",
                 "weights": self.config.global_config.weight_granularity if self.config.global_config else None}
 
 
