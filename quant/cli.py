@@ -29,13 +29,16 @@ def agreement_on(images, teacher, student, spec) -> dict:
             "precision": matched / cand if cand else 1.0, "mean_iou": float(np.mean(ious)) if ious else None}
 
 
-def _student_step(teacher, pri, loss_cfg, distill_weight: float, use_gt: bool):
+def _student_step(teacher, pri, loss_cfg, distill_weight: float, use_gt: bool, features: dict | None = None):
     """Loss of one batch: distillation from the FP32 teacher (soft scores everywhere; boxes, landmarks and mesh
-    codes where the teacher is confident) plus, with labels, the multi-task loss on ground truth (hard negatives)."""
+    codes where the teacher is confident) plus, with labels, the multi-task loss on ground truth (hard negatives).
+    features: {"teacher": FeatureTaps, "student": FeatureTaps or None, "weight": w}: adds w x the feature-map
+    loss (quant.features) while a student's taps are set."""
     import torch
 
     from edge.train.multibox import multibox_loss
     from quant.distill import distill_loss
+    from quant.features import feature_loss
 
     def step(m, batch, device):
         x, targets = batch
@@ -45,6 +48,12 @@ def _student_step(teacher, pri, loss_cfg, distill_weight: float, use_gt: bool):
             t = teacher(x)
         loss, parts = distill_loss(out, t)
         loss = distill_weight * loss
+        if features is not None:
+            t_feats = features["teacher"].pop()
+            if features["student"] is not None:
+                fl, fp = feature_loss(features["student"].pop(), t_feats)
+                loss = loss + features["weight"] * fl
+                parts = {**parts, **fp}
         if use_gt:
             gl, gp = multibox_loss(out, [{k: v.to(device) for k, v in tg.items()} for tg in targets], pri.to(device), loss_cfg)
             loss = loss + gl
@@ -116,6 +125,11 @@ def cmd_compress(args) -> int:
                           "NNCF's quantisers learn their ranges already")
     if args.size % 32:
         raise ConfigError(f"--size must be a multiple of 32, got {args.size}")
+    feature_names = tuple(n for n in (args.distill_features or "").split(",") if n)
+    if args.feature_weight <= 0:
+        raise ConfigError(f"--feature-weight must be positive, got {args.feature_weight}")
+    if feature_names and args.qat_backend == "nncf" and (args.qat_steps or args.qat_epochs):
+        raise ConfigError("--distill-features taps the pt2e QAT program; the nncf backend does not support it")
     if args.labels:
         samples = read_labels(args.labels)
     else:  # distillation only: every image, no faces labelled
@@ -133,7 +147,7 @@ def cmd_compress(args) -> int:
     if env.world > 1 and args.importance == "taylor":
         raise ConfigError("--importance taylor ranks channels on each process's own batch; use magnitude under torchrun")
     teacher, info = load_weights(args.weights, arch=args.arch)
-    check_module_names(teacher, [*overrides, *(args.freeze or []), *float_modules])
+    check_module_names(teacher, [*overrides, *(args.freeze or []), *float_modules, *feature_names])
     spec = teacher.spec.with_input_size(args.size)
     teacher.spec = spec
     teacher.to(env.device).eval()
@@ -146,7 +160,22 @@ def cmd_compress(args) -> int:
     pri = torch.from_numpy(priors(args.size, args.size, spec.arch.min_sizes, spec.steps))
     loss_cfg = LossConfig(neg_pos=args.neg_pos)
     dataset = DetectionDataset(train_set, root, spec, args.size, augment=AugmentConfig(), seed=args.seed)
-    step = _student_step(teacher, pri, loss_cfg, args.distill_weight, bool(args.labels))
+    features = None
+    if feature_names:
+        from quant.features import FeatureTaps, feature_widths
+
+        teacher_widths = feature_widths(teacher, feature_names)
+        features = {"teacher": FeatureTaps(teacher, feature_names), "student": None, "weight": args.feature_weight}
+
+        def student_taps(model, program=None):
+            """Taps on the student (float model, or its QAT program), once its feature maps have the teacher's shapes."""
+            widths = feature_widths(model, feature_names)
+            for name in feature_names:
+                if widths[name] != teacher_widths[name]:
+                    raise ConfigError(f"--distill-features {name}: the student's output is {widths[name][1:]} and the teacher's "
+                                      f"{teacher_widths[name][1:]}; feature maps are compared only where pruning leaves the widths")
+            return FeatureTaps(program if program is not None else model, feature_names)
+    step = _student_step(teacher, pri, loss_cfg, args.distill_weight, bool(args.labels), features)
     iters = args.iters // args.stages if args.iters else None
     if args.iters and iters < 1:
         raise ConfigError("--iters must be at least --stages")
@@ -188,12 +217,20 @@ def cmd_compress(args) -> int:
                           extra={"stage": k, "stages": args.stages, "prune": args.prune, "prune_module": overrides,
                                  "freeze": list(args.freeze or []), "importance": args.importance,
                                  "labels": str(args.labels) if args.labels else None, "distill_weight": args.distill_weight,
+                                 "distill_features": list(feature_names), "feature_weight": args.feature_weight if feature_names else None,
                                  "images": len(train_set)})
         meta = {"format": 1, "kind": "pruned", "arch": info.arch.name, "teacher": {"name": info.name, "sha256": info.sha256},
                 "train": cfg.extra}
         if spec.mesh_vertices:
             meta["mesh"] = {"vertices": spec.mesh_vertices, "rank": spec.mesh_rank}
-        train(student, dataset, collate, step, cfg, meta=meta, resume=last if last.exists() and args.resume else None, env=env)
+        if features is not None:
+            features["student"] = student_taps(student)
+        try:
+            train(student, dataset, collate, step, cfg, meta=meta, resume=last if last.exists() and args.resume else None, env=env)
+        finally:
+            if features is not None:
+                features["student"].close()
+                features["student"] = None
         student = student.cpu().eval()
     qat_report = None
     if args.qat_steps or args.qat_epochs:  # quantisation-aware training of the pruned model, distilled from the unpruned FP32 one
@@ -222,12 +259,21 @@ def cmd_compress(args) -> int:
                               lr=args.qat_lr, optimizer="adamw", weight_decay=0.0,
                               warmup=min(args.warmup, args.qat_steps or args.warmup), workers=args.workers, seed=args.seed + 100,
                               save_every=args.save_every, bn="frozen", progress=not args.quiet,
-                              extra={"qat_backend": args.qat_backend, "qat_ranges": args.qat_ranges, "float_modules": list(float_modules), "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
+                              extra={"qat_backend": args.qat_backend, "qat_ranges": args.qat_ranges, "float_modules": list(float_modules),
+                                     "distill_features": list(feature_names), "feature_weight": args.feature_weight if feature_names else None,
+                                     "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
                                      "observe_steps": args.observe_steps, "images": len(train_set),
                                      "calib": None if cs is None else (args.calib or "built-in"), "calib_count": args.calib_count})
             last = qdir / "last.pth"
-            train(net, dataset, collate, step, cfg, meta={"format": 1, "kind": "qat-run", "arch": info.arch.name},
-                  resume=last if last.exists() and args.resume else None, env=env, after_step=q.step)
+            if features is not None and q.backend == "pt2e":
+                features["student"] = student_taps(student, q.gm)
+            try:
+                train(net, dataset, collate, step, cfg, meta={"format": 1, "kind": "qat-run", "arch": info.arch.name},
+                      resume=last if last.exists() and args.resume else None, env=env, after_step=q.step)
+            finally:
+                if features is not None and features["student"] is not None:
+                    features["student"].close()
+                    features["student"] = None
             if q.backend == "pt2e":
                 q.write_back()  # learnt ranges into the program's own quantisers: the checkpoint has one layout
             qat_report = q.report()
@@ -243,6 +289,8 @@ def cmd_compress(args) -> int:
                     ck["nncf_config"] = json.dumps(q.config())
                 with atomic_file(qfinal) as tmp:
                     torch.save(ck, tmp)
+    if features is not None:
+        features["teacher"].close()
     checksums = [float(sum(v.double().sum() for v in student.state_dict().values() if v.is_floating_point()))]
     if env.world > 1:  # every process must end with the same weights
         import torch.distributed as dist
@@ -308,6 +356,10 @@ def register(sub) -> None:
     p.add_argument("--stages", type=int, default=1, help="iterative pruning: prune, fine-tune, prune again ...")
     p.add_argument("--importance", choices=("magnitude", "taylor"), default="magnitude")
     p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--distill-features", default="", metavar="NAMES",
+                   help="comma-separated modules whose output maps are also distilled from the teacher's (widths must "
+                   "match: modules the pruning leaves whole), in pruning stages and pt2e QAT, e.g. body.stage1,body.stage2,body.stage3")
+    p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature-map loss (--distill-features)")
     p.add_argument("--neg-pos", type=float, default=7.0, help="hard negatives per positive (with --labels)")
     p.add_argument("--size", type=int, default=640)
     p.add_argument("--val", type=int, default=100, help="held-out images")

@@ -386,6 +386,88 @@ def test_compress_qat_learnt_ranges_run(shared, tmp_path):
 
 
 @pytest.mark.qat
+def test_feature_taps_on_model_and_qat_program(default_model):
+    """FeatureTaps: on the float model, the named module's output; on the PT2E program, the value the next layer
+    reads (after the stage's fake-quantiser), with gradients to the program's weights; close() gives back the
+    same graph and outputs. feature_loss is 0 for identical maps and positive otherwise."""
+    import copy
+
+    from quant.features import FeatureTaps, feature_loss, feature_widths
+    from quant.qat import QATQuantizer
+
+    model, _ = default_model
+    m = copy.deepcopy(model).eval()
+    m.spec = m.spec.with_input_size(160)
+    names = ("body.stage1", "body.stage3")
+    assert feature_widths(m, names) == {"body.stage1": (1, 64, 8, 8), "body.stage3": (1, 256, 2, 2)}
+    x = torch.from_numpy(np.random.default_rng(0).uniform(-120, 130, (2, 3, 160, 160)).astype(np.float32))
+    taps = FeatureTaps(m, names)
+    with torch.no_grad():
+        m(x)
+    ref = taps.pop()
+    assert torch.equal(ref["body.stage1"], m.body.stage1(x))
+    taps.close()
+    assert not m.body.stage1._forward_hooks
+    q = QATQuantizer(copy.deepcopy(m), size=160, observe_steps=0)
+    net = q.prepare()
+    with torch.no_grad():
+        before, n_nodes = net(x), len(q.gm.graph.nodes)
+    taps = FeatureTaps(q.gm, names)
+    assert len(q.gm.graph.nodes) == n_nodes + 2
+    out = net(x)
+    got = taps.pop()
+    with pytest.raises(RuntimeError, match="no forward pass"):
+        taps.pop()
+    fq = next(u for u in q.gm.graph.nodes if u.op == "call_module" and u.target == "_feature_tap_0").args[0]
+    assert fq.op == "call_module" and str(fq.target).startswith("activation_post_process")
+    step = float(q.gm.get_submodule(fq.target).scale)  # the tapped map is on the stage output's int8 grid
+    grid = got["body.stage1"].detach() / step
+    assert torch.allclose(grid, grid.round(), atol=1e-3)
+    loss, parts = feature_loss(got, ref)
+    assert float(loss) > 0 and set(parts) == {"feat", "feat_body.stage1", "feat_body.stage3"}
+    assert parts["feat_body.stage1"] < 0.05  # int8 noise, relative to the float stage's output
+    loss.backward()
+    assert q.gm.get_parameter("model.body.stage1.0.0.weight").grad.abs().sum() > 0
+    assert float(feature_loss(ref, ref)[0]) == 0
+    taps.close()
+    assert len(q.gm.graph.nodes) == n_nodes and not hasattr(q.gm, "_feature_tap_0")
+    with torch.no_grad():
+        after = net(x)
+    assert all(torch.allclose(before[k], after[k], atol=1e-5) and torch.allclose(before[k], out[k], atol=1e-5) for k in before)
+
+
+@pytest.mark.qat
+def test_compress_distill_features_run(shared, tmp_path, capsys):
+    """--distill-features: the feature-map loss joins the pruning and the QAT losses (logged per map), the run records
+    it, and the QAT checkpoint keeps the ordinary layout (no taps). Pruning that changes a named module's width is
+    refused, naming the module."""
+    import csv
+
+    from edge.cli import main
+    from quant.qat import load_qat
+
+    out = tmp_path / "run"
+    common = ["compress", "--images", str(shared / "images"), "--iters", "2", "--calib-count", "2", "--batch", "1",
+              "--size", "160", "--val", "1", "--warmup", "1", "--threads", "1", "--quiet"]
+    assert main([*common, "--prune", "0", "--prune-module", "fpn=0.5", "--qat-steps", "2", "--distill-features",
+                 "body.stage2,body.stage3", "--feature-weight", "5", "--out", str(out)]) == 0
+    for log in (out / "stage1" / "log.csv", out / "qat" / "log.csv"):
+        rows = list(csv.DictReader(log.open()))
+        assert rows and all(float(r["feat_body.stage2"]) >= 0 and "feat_body.stage3" in r for r in rows), log
+    qat_rows = list(csv.DictReader((out / "qat" / "log.csv").open()))
+    assert float(qat_rows[0]["feat_body.stage3"]) > 0  # int8 activations: the program's maps differ from the teacher's
+    ck = torch.load(out / "qat.pth", weights_only=True)
+    assert ck["retinaface_edge"]["train"]["distill_features"] == ["body.stage2", "body.stage3"]
+    assert not any("_feature_tap" in k for k in ck["qat_state"])
+    q, _ = load_qat(out / "qat.pth", 160)
+    assert not any(n.op == "call_module" and "_feature_tap" in str(n.target) for n in q.gm.graph.nodes)
+    bad = tmp_path / "bad"
+    capsys.readouterr()
+    assert main([*common, "--prune", "0.3", "--distill-features", "body.stage2", "--out", str(bad)]) == 2
+    assert "--distill-features body.stage2" in capsys.readouterr().err and not (bad / "final.pth").exists()
+
+
+@pytest.mark.qat
 def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
     """--qat-backend nncf: the checkpoint rebuilds NNCF's quantised model (config as JSON, no pickle), the trained
     model converts to an OpenVINO bundle whose convolutions run int8 and whose outputs are those of the
@@ -427,7 +509,10 @@ def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
                                           (["--qat-steps", "2", "--observe-steps", "5", "--qat-ranges", "learnt"], "learnt"),
                                           (["--qat-steps", "2", "--qat-backend", "nncf", "--float-modules", "body"], "float-modules"),
                                           (["--qat-steps", "2", "--float-modules", "body.stage9"], "body.stage9"),
-                                          (["--float-modules", "body.stage1"], "give --qat-steps")])
+                                          (["--float-modules", "body.stage1"], "give --qat-steps"),
+                                          (["--distill-features", "body.stage9"], "body.stage9"),
+                                          (["--distill-features", "body.stage1", "--feature-weight", "0"], "positive"),
+                                          (["--qat-steps", "2", "--qat-backend", "nncf", "--distill-features", "body"], "nncf")])
 def test_compress_qat_options_are_checked_before_any_work(shared, tmp_path, capsys, extra, match):
     from edge.cli import main
 
