@@ -240,7 +240,7 @@ def cmd_compress(args) -> int:
         if qfinal.exists():
             qat_report = {"resumed": "done"}
         else:
-            cs = None
+            cs, qmodel, eq_report = None, student, None
             if args.qat_backend == "nncf" or not args.observe_steps:  # ranges as PTQ sets them, on edge-convert's calibration set
                 from calib_data.build import load_calibration
 
@@ -249,7 +249,12 @@ def cmd_compress(args) -> int:
                 q = NNCFQATQuantizer(student, size=args.size)
                 net = q.prepare(cs.tensors(spec))
             else:
-                q = QATQuantizer(student, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules)
+                if args.qat_equalize:  # as edge-convert's PT2E PTQ does: QAT starts where PTQ ends
+                    from quant.equalize import equalize as cle
+
+                    qmodel, eq_report = cle(student)
+                    qmodel.spec = spec
+                q = QATQuantizer(qmodel, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules)
                 net = q.prepare()
                 if cs is not None:
                     q.calibrate(cs.tensors(spec))
@@ -260,13 +265,14 @@ def cmd_compress(args) -> int:
                               warmup=min(args.warmup, args.qat_steps or args.warmup), workers=args.workers, seed=args.seed + 100,
                               save_every=args.save_every, bn="frozen", progress=not args.quiet,
                               extra={"qat_backend": args.qat_backend, "qat_ranges": args.qat_ranges, "float_modules": list(float_modules),
+                                     "equalize": bool(args.qat_equalize and args.qat_backend == "pt2e"),
                                      "distill_features": list(feature_names), "feature_weight": args.feature_weight if feature_names else None,
                                      "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
                                      "observe_steps": args.observe_steps, "images": len(train_set),
                                      "calib": None if cs is None else (args.calib or "built-in"), "calib_count": args.calib_count})
             last = qdir / "last.pth"
             if features is not None and q.backend == "pt2e":
-                features["student"] = student_taps(student, q.gm)
+                features["student"] = student_taps(qmodel, q.gm)
             try:
                 train(net, dataset, collate, step, cfg, meta={"format": 1, "kind": "qat-run", "arch": info.arch.name},
                       resume=last if last.exists() and args.resume else None, env=env, after_step=q.step)
@@ -276,14 +282,14 @@ def cmd_compress(args) -> int:
                     features["student"] = None
             if q.backend == "pt2e":
                 q.write_back()  # learnt ranges into the program's own quantisers: the checkpoint has one layout
-            qat_report = q.report()
+            qat_report = {**q.report(), "cross_layer_equalization": eq_report}
             if env.main:
                 meta = {"format": 1, "kind": "qat", "arch": info.arch.name, "teacher": {"name": info.name, "sha256": info.sha256},
                         "train": cfg.extra, "qat": qat_report, "size": args.size}
                 if spec.mesh_vertices:
                     meta["mesh"] = {"vertices": spec.mesh_vertices, "rank": spec.mesh_rank}
                 program = q.quantized if q.backend == "nncf" else net
-                ck = {"state_dict": q.float_state(student), "qat_state": {k: v.detach().cpu() for k, v in program.state_dict().items()},
+                ck = {"state_dict": q.float_state(qmodel), "qat_state": {k: v.detach().cpu() for k, v in program.state_dict().items()},
                       "retinaface_edge": meta}
                 if q.backend == "nncf":
                     ck["nncf_config"] = json.dumps(q.config())
@@ -376,6 +382,9 @@ def register(sub) -> None:
                    help="pt2e QAT: comma-separated model modules left float in the program, e.g. body.stage1")
     p.add_argument("--qat-ranges", choices=("frozen", "learnt"), default="frozen",
                    help="pt2e: activation ranges frozen after calibration, or scales trained with the weights (LSQ)")
+    p.add_argument("--no-qat-equalize", dest="qat_equalize", action="store_false",
+                   help="pt2e QAT: skip the cross-layer equalisation of the backbone that edge-convert's PT2E PTQ applies "
+                   "first (function-preserving), so QAT starts from the model PTQ quantises")
     p.add_argument("--calib", default=None, help="QAT calibration images: a folder or a built .npz (default: the built-in set, "
                    "as edge-convert)")
     p.add_argument("--calib-count", type=int, default=32)

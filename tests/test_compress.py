@@ -457,7 +457,10 @@ def test_compress_distill_features_run(shared, tmp_path, capsys):
     qat_rows = list(csv.DictReader((out / "qat" / "log.csv").open()))
     assert float(qat_rows[0]["feat_body.stage3"]) > 0  # int8 activations: the program's maps differ from the teacher's
     ck = torch.load(out / "qat.pth", weights_only=True)
-    assert ck["retinaface_edge"]["train"]["distill_features"] == ["body.stage2", "body.stage3"]
+    meta = ck["retinaface_edge"]
+    assert meta["train"]["distill_features"] == ["body.stage2", "body.stage3"]
+    # QAT starts from the equalised backbone, as edge-convert's PTQ quantises it
+    assert meta["train"]["equalize"] and meta["qat"]["cross_layer_equalization"]["pairs"] > 20
     assert not any("_feature_tap" in k for k in ck["qat_state"])
     q, _ = load_qat(out / "qat.pth", 160)
     assert not any(n.op == "call_module" and "_feature_tap" in str(n.target) for n in q.gm.graph.nodes)
