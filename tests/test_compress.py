@@ -203,6 +203,20 @@ def test_qat_run_converts_for_every_target(shared, tmp_path):
             assert "Clip" not in q["ops"]["nodes"]  # the weight clips were folded into the int8 initializers
         else:
             assert q["int8_weight_tensors"] >= 50
+    from quant.divergence import leaky_divergence, main as divergence_main
+
+    x = np.random.default_rng(1).uniform(-120, 130, (1, 3, 160, 160)).astype(np.float32)
+    rows = leaky_divergence(out / "qat.pth", bundles["tflite"] / "model.tflite", x)
+    # every LeakyReLU of the backbone (27) found in the TFLite model by its int8 parameters; the first layer's
+    # int8 output is the simulation's up to rounding
+    assert len(rows) >= 27 and rows[0]["name"].startswith("body.stage1.0") and rows[0]["off"] < 0.2
+    assert all(np.isfinite(r["rel_rms"]) and 0 <= r["off"] <= 1 for r in rows)
+    image = str(shared / "images" / "group.jpg")
+    assert divergence_main([str(out / "qat.pth"), str(bundles["tflite"]), "--image", image, "--json", str(tmp_path / "d.json")]) == 0
+    import json
+
+    assert len(json.loads((tmp_path / "d.json").read_text())["layers"]) == len(rows)
+    assert divergence_main([str(out / "qat.pth"), str(bundles["onnx"]), "--image", image]) == 2  # not a TFLite bundle
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     session = ort.InferenceSession(str(bundles["onnx"] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
