@@ -156,6 +156,16 @@ def _interpreter_class():
     raise BundleError("no TFLite runtime: pip install ai-edge-litert (or tflite-runtime, or tensorflow)")
 
 
+def quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
+    """A float32 input as the interpreter's input tensor `detail` takes it (quantised if the model is)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if detail["dtype"] != np.float32:
+        scale, zp = detail["quantization"]
+        info = np.iinfo(detail["dtype"])
+        x = np.clip(np.round(x / scale) + zp, info.min, info.max).astype(detail["dtype"])
+    return x
+
+
 class TFLiteRunner:
     """Runs a .tflite with NCHW float32 input; quantised inputs/outputs are (de)quantised here."""
 
@@ -181,13 +191,7 @@ class TFLiteRunner:
         self.name = f"{name} ({runtime})"
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        d = self.inp
-        if d["dtype"] != np.float32:
-            scale, zp = d["quantization"]
-            info = np.iinfo(d["dtype"])
-            x = np.clip(np.round(x / scale) + zp, info.min, info.max).astype(d["dtype"])
-        self.interp.set_tensor(d["index"], x)
+        self.interp.set_tensor(self.inp["index"], quantize_input(x, self.inp))
         self.interp.invoke()
         res = {}
         for name, o in zip(self.output_names, self.outs):

@@ -40,6 +40,7 @@ def leaky_divergence(qat_path, tflite_path, tensor: np.ndarray, builtin: bool = 
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     from torchao.quantization.pt2e import disable_observer
 
+    from converters.tflite_target import quantize_input
     from quant.qat import load_qat
 
     q, _ = load_qat(qat_path, tensor.shape[-1])
@@ -55,12 +56,7 @@ def leaky_divergence(qat_path, tflite_path, tensor: np.ndarray, builtin: bool = 
     it = Interpreter(model_path=str(tflite_path), experimental_preserve_all_tensors=True, **kw)
     it.allocate_tensors()
     inp = it.get_input_details()[0]
-    x = tensor
-    if inp["dtype"] != np.float32:
-        scale, zp = inp["quantization"]
-        info = np.iinfo(inp["dtype"])
-        x = np.clip(np.round(tensor / scale) + zp, info.min, info.max).astype(inp["dtype"])
-    it.set_tensor(inp["index"], x)
+    it.set_tensor(inp["index"], quantize_input(tensor, inp))
     it.invoke()
     details = {d["index"]: d for d in it.get_tensor_details()}
     candidates = [details[o["outputs"][0]] for o in it._get_ops_details()
