@@ -162,19 +162,10 @@ def cmd_compress(args) -> int:
     dataset = DetectionDataset(train_set, root, spec, args.size, augment=AugmentConfig(), seed=args.seed)
     features = None
     if feature_names:
-        from quant.features import FeatureTaps, feature_widths
+        from quant.features import FeatureTaps, feature_widths, student_taps
 
         teacher_widths = feature_widths(teacher, feature_names)
         features = {"teacher": FeatureTaps(teacher, feature_names), "student": None, "weight": args.feature_weight}
-
-        def student_taps(model, program=None):
-            """Taps on the student (float model, or its QAT program), once its feature maps have the teacher's shapes."""
-            widths = feature_widths(model, feature_names)
-            for name in feature_names:
-                if widths[name] != teacher_widths[name]:
-                    raise ConfigError(f"--distill-features {name}: the student's output is {widths[name][1:]} and the teacher's "
-                                      f"{teacher_widths[name][1:]}; feature maps are compared only where pruning leaves the widths")
-            return FeatureTaps(program if program is not None else model, feature_names)
     step = _student_step(teacher, pri, loss_cfg, args.distill_weight, bool(args.labels), features)
     iters = args.iters // args.stages if args.iters else None
     if args.iters and iters < 1:
@@ -224,7 +215,7 @@ def cmd_compress(args) -> int:
         if spec.mesh_vertices:
             meta["mesh"] = {"vertices": spec.mesh_vertices, "rank": spec.mesh_rank}
         if features is not None:
-            features["student"] = student_taps(student)
+            features["student"] = student_taps(student, feature_names, teacher_widths)
         try:
             train(student, dataset, collate, step, cfg, meta=meta, resume=last if last.exists() and args.resume else None, env=env)
         finally:
@@ -272,7 +263,7 @@ def cmd_compress(args) -> int:
                                      "calib": None if cs is None else (args.calib or "built-in"), "calib_count": args.calib_count})
             last = qdir / "last.pth"
             if features is not None and q.backend == "pt2e":
-                features["student"] = student_taps(qmodel, q.gm)
+                features["student"] = student_taps(qmodel, feature_names, teacher_widths, q.gm)
             try:
                 train(net, dataset, collate, step, cfg, meta={"format": 1, "kind": "qat-run", "arch": info.arch.name},
                       resume=last if last.exists() and args.resume else None, env=env, after_step=q.step)

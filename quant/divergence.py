@@ -21,14 +21,14 @@ import numpy as np
 
 def _leaky_quantisers(gm) -> list[tuple[str, str]]:
     """(module path, fake-quantiser name) of each LeakyReLU's output quantiser, in graph order."""
+    from quant.ptq import module_path
+
     out = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and "leaky_relu" in str(node.target):
             users = list(node.users)
             if len(users) == 1 and users[0].op == "call_module":
-                stack = node.meta.get("nn_module_stack") or {}
-                path = next(reversed([p for p, _ in stack.values()]), "?") if stack else "?"
-                out.append((path[len("model."):] if path.startswith("model.") else path, str(users[0].target)))
+                out.append(((module_path(node) or ["?"])[-1], str(users[0].target)))
     return out
 
 

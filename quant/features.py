@@ -27,12 +27,13 @@ class _Tap(nn.Module):
 
 
 def _graph_output_node(gm: fx.GraphModule, name: str) -> fx.Node:
-    """The node that computes module `name`'s output in an exported program: its last node in graph order
-    (module paths are as in the exported wrapper, `model.<name>`), or the fake-quantiser that reads it."""
+    """The node that computes module `name`'s output in an exported program: its last node in graph order,
+    or the fake-quantiser that reads it."""
+    from quant.ptq import module_path
+
     last = None
     for node in gm.graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        if any(path in (name, f"model.{name}") for path, _ in stack.values()):
+        if name in module_path(node):
             last = node
     if last is None:
         raise KeyError(name)
@@ -94,6 +95,19 @@ def feature_widths(model: nn.Module, names, size: int = 64) -> dict[str, tuple[i
         return {k: tuple(v.shape) for k, v in taps.pop().items()}
     finally:
         taps.close()
+
+
+def student_taps(model: nn.Module, names, teacher_widths: dict, program: nn.Module | None = None) -> FeatureTaps:
+    """Taps on the student (`program`: its QAT program, else the float model itself), once its maps have the
+    teacher's shapes (teacher_widths: feature_widths of the teacher); ConfigError naming the first that differs."""
+    from edge.errors import ConfigError
+
+    widths = feature_widths(model, names)
+    for name in names:
+        if widths[name] != teacher_widths[name]:
+            raise ConfigError(f"--distill-features {name}: the student's output is {widths[name][1:]} and the teacher's "
+                              f"{teacher_widths[name][1:]}; feature maps are compared only where pruning leaves the widths")
+    return FeatureTaps(program if program is not None else model, names)
 
 
 def feature_loss(s: dict, t: dict) -> tuple[torch.Tensor, dict]:

@@ -35,7 +35,7 @@ def quantization_config(per_channel: bool = True, qat: bool = False):
     return dataclasses.replace(cfg, weight=dataclasses.replace(w, observer_or_fake_quant_ctr=ctr))
 
 
-def _module_path(node) -> list[str]:
+def module_path(node) -> list[str]:
     """The model-relative names of the modules a node of an exported TupleOutputs(model) graph belongs to."""
     names = []
     for n, _ in (node.meta.get("nn_module_stack") or {}).values():
@@ -57,7 +57,7 @@ def pt2e_quantizer(float_modules=(), qat: bool = False, per_channel: bool = True
             model = super().annotate(model)
             if float_modules:
                 for node in model.graph.nodes:
-                    if any(p == f or p.startswith(f + ".") for p in _module_path(node) for f in float_modules):
+                    if any(p == f or p.startswith(f + ".") for p in module_path(node) for f in float_modules):
                         node.meta.pop("quantization_annotation", None)
             return model
 
