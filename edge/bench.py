@@ -223,7 +223,7 @@ def _timed_run(pipeline, image) -> dict[str, float]:
     t0 = time.perf_counter()
     prep = pipeline.preprocess(image)
     t1 = time.perf_counter()
-    out = pipeline.runner(prep.tensor)
+    out = pipeline.infer(prep)
     t2 = time.perf_counter()
     pipeline.postprocess(out, prep)
     t3 = time.perf_counter()

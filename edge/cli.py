@@ -92,7 +92,7 @@ def cmd_detect(args) -> int:
     results = []
     for image in args.images:
         prep = pipe.preprocess(image)
-        det = pipe.postprocess(pipe.runner(prep.tensor), prep)
+        det = pipe.postprocess(pipe.infer(prep), prep)
         results.append({"image": str(image), "model": desc, "faces": det.to_json()})
         print(f"{image}: {len(det)} faces (score >= {args.score})")
         if args.draw:

@@ -54,7 +54,7 @@ def main(out_dir: str = "demo_out") -> int:
     pictures = [("grace_hopper", grace_hopper()), ("scene_1", scene(1)), ("scene_2", scene(2, (1080, 1440), 9)), ("scene_3", scene(3))]
     for name, im in pictures:
         prep = ref_pipe.preprocess(im)
-        a, b = ref_pipe.runner(prep.tensor), runner(prep.tensor)
+        a, b = ref_pipe.infer(prep), cand_pipe.infer(prep)
         ref, cand = ref_pipe.postprocess(a, prep), cand_pipe.postprocess(b, prep)
         ag = detection_agreement(ref, cand)
         err = tensor_errors(a, b)

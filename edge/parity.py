@@ -158,7 +158,7 @@ def compare(reference, candidate, spec, images, *, target: str, precision: str, 
     dets = {}
     for name, im in tqdm(images, desc="parity", unit="img", disable=not progress):
         prep = rp.preprocess(im)
-        a, b = reference(prep.tensor), candidate(prep.tensor)
+        a, b = rp.infer(prep), cp.infer(prep)
         ref, cand = rp.postprocess(a, prep), cp.postprocess(b, prep)
         sig = {k: (float(np.sum(a[k].astype(np.float64) ** 2)), float(np.sum((a[k].astype(np.float64) - b[k]) ** 2))) for k in a}
         rep.images.append(ImageParity(name, detection_agreement(ref, cand, match_iou), tensor_errors(a, b), sig))

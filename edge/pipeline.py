@@ -25,7 +25,8 @@ class PostConfig:
 class Pipeline:
     """image (path or BGR array) -> Detections in original pixels.
 
-    runner: callable (1, 3, H, W) float32 -> {"loc", "conf", "landmarks"[, "mesh"]} numpy arrays.
+    runner: callable (1, 3, H, W) float32 -> {"loc", "conf", "landmarks"[, "mesh"]} numpy arrays. A runner
+    that also has `run_image((1, H, W, 3) BGR canvas)` normalises inside its model and is given the canvas.
     """
 
     def __init__(self, runner: Runner, spec: ModelSpec, post: PostConfig | None = None, mesh_decoder=None):
@@ -44,8 +45,14 @@ class Pipeline:
         return self._priors[hw]
 
     def preprocess(self, image) -> Prepared:
+        """The input in the form this pipeline's runner takes (canvas or tensor), built here, not in `infer`."""
         img = load_image(image) if isinstance(image, (str, Path)) else check_image_array(image)
-        return prepare(img, self.spec)
+        prep = prepare(img, self.spec)
+        if _takes_canvas(self.runner, prep):
+            prep.canvas
+        else:
+            prep.tensor
+        return prep
 
     def postprocess(self, outputs: Outputs, prep: Prepared, batch_index: int = 0) -> Detections:
         one = {k: v[batch_index] for k, v in outputs.items()}
@@ -62,10 +69,24 @@ class Pipeline:
         )
         return rescale(det, prep.scale, prep.pad, prep.image_hw)
 
+    def infer(self, prep: Prepared) -> Outputs:
+        return run_prepared(self.runner, prep)
+
     def run_raw(self, image) -> tuple[Prepared, Outputs]:
         prep = self.preprocess(image)
-        return prep, self.runner(prep.tensor)
+        return prep, self.infer(prep)
 
     def __call__(self, image) -> Detections:
         prep, out = self.run_raw(image)
         return self.postprocess(out, prep)
+
+
+def run_prepared(runner: Runner, prep: Prepared) -> Outputs:
+    """The runner on one prepared input: the canvas where the runner normalises inside its model, else the tensor."""
+    if _takes_canvas(runner, prep):
+        return runner.run_image(prep.canvas[None])
+    return runner(prep.tensor)
+
+
+def _takes_canvas(runner: Runner, prep: Prepared) -> bool:
+    return getattr(runner, "run_image", None) is not None and prep.has_canvas

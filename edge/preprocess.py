@@ -13,7 +13,6 @@ an int8 model. `RETINAFACE_EDGE_NUMPY_RESIZE=1` forces the numpy path.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,19 +24,56 @@ except ImportError:  # numpy only (a device without OpenCV): same numbers, slowe
 from edge.contract import ModelSpec
 
 
-@dataclass(frozen=True)
 class Prepared:
-    """tensor: (1, 3, H, W) float32 network input; scale: input px per original px;
-    pad: (x, y) offset of the image on the canvas; image_hw: original (H, W)."""
+    """One image made ready for the network.
 
-    tensor: np.ndarray
-    scale: float
-    pad: tuple[float, float]
-    image_hw: tuple[int, int]
+    scale: input px per original px; pad: (x, y) offset of the image on the canvas; image_hw: original (H, W).
+    Two views of the same input, each built on first use:
+      tensor: (1, 3, H, W) float32, (pixel - mean) / std, zeros where padded: what every runner takes;
+      canvas: (H, W, 3) uint8 BGR before normalisation, the pad holding the mean colour, for runners that
+        normalise inside the model (OpenVINO's pre-processing), which then skip the float tensor and the
+        channel reorder. Without padding it is the image itself. Only where it is exact (`has_canvas`): the
+        image was not resized (a resize gives float32 pixels) and the mean colour is whole numbers. Then both
+        views give the network the same values: integer pixels minus the mean are exact in float32, and the
+        mean colour minus the mean is 0.
+    """
+
+    def __init__(self, tensor: np.ndarray | None, scale: float, pad: tuple[float, float], image_hw: tuple[int, int],
+                 *, resized: np.ndarray | None = None, canvas_hw: tuple[int, int] | None = None, mean=None, std=None):
+        if tensor is None and resized is None:
+            raise ValueError("Prepared needs a tensor or the resized image")
+        self._tensor = tensor
+        self._canvas = None
+        self._resized = resized
+        self._canvas_hw = canvas_hw if canvas_hw is not None else tuple(tensor.shape[2:4])
+        self._mean = mean
+        self._std = std
+        self.scale = scale
+        self.pad = pad
+        self.image_hw = image_hw
 
     @property
     def input_hw(self) -> tuple[int, int]:
-        return self.tensor.shape[2], self.tensor.shape[3]
+        return self._canvas_hw
+
+    @property
+    def tensor(self) -> np.ndarray:
+        if self._tensor is None:
+            self._tensor = _normalised(self._resized, self._canvas_hw, self._mean, self._std)
+        return self._tensor
+
+    @property
+    def has_canvas(self) -> bool:
+        return (self._resized is not None and self._resized.dtype == np.uint8
+                and all(float(m).is_integer() and 0 <= m <= 255 for m in self._mean))
+
+    @property
+    def canvas(self) -> np.ndarray:
+        if self._canvas is None:
+            if not self.has_canvas:
+                raise ValueError("no exact uint8 canvas for this input (given as a tensor, resized, or a fractional mean)")
+            self._canvas = _canvas(self._resized, self._canvas_hw, self._mean)
+        return self._canvas
 
 
 def _axis_weights(src: int, dst: int):
@@ -84,14 +120,38 @@ def round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
+def _normalised(resized: np.ndarray, canvas_hw: tuple[int, int], mean, std) -> np.ndarray:
+    """(h, w, 3) image -> (1, 3, H, W) float32 (pixel - mean) / std, placed top-left, zeros around it."""
+    nh, nw = resized.shape[:2]
+    ch, cw = canvas_hw
+    # padding (if any) must be zeros; without padding every value is written below
+    tensor = np.zeros((1, 3, ch, cw), np.float32) if (nh, nw) != (ch, cw) else np.empty((1, 3, ch, cw), np.float32)
+    for c, plane in enumerate(_planes(resized)):  # written plane by plane: no HWC -> CHW copy
+        np.subtract(plane, np.float32(mean[c]), out=tensor[0, c, :nh, :nw])
+        if std[c] != 1.0:
+            tensor[0, c, :nh, :nw] /= np.float32(std[c])
+    return tensor
+
+
+def _canvas(resized: np.ndarray, canvas_hw: tuple[int, int], mean) -> np.ndarray:
+    """(h, w, 3) uint8 image -> (H, W, 3) uint8 placed top-left on the mean colour; the image itself when it fills the canvas."""
+    nh, nw = resized.shape[:2]
+    if (nh, nw) == tuple(canvas_hw):
+        return np.ascontiguousarray(resized)
+    out = np.empty((*canvas_hw, 3), np.uint8)
+    out[...] = np.asarray(mean, np.uint8)
+    out[:nh, :nw] = resized
+    return out
+
+
 def prepare(image_bgr: np.ndarray, spec: ModelSpec) -> Prepared:
-    """BGR uint8 (H, W, 3) -> Prepared network input following `spec`."""
+    """BGR uint8 (H, W, 3) -> Prepared network input following `spec` (tensor and canvas built on first use)."""
     h, w = image_bgr.shape[:2]
     if spec.input_size is None:
         scale = 1.0
         nh, nw = h, w
         ch, cw = round_up(h, spec.pad_multiple), round_up(w, spec.pad_multiple)
-        resized = image_bgr  # converted to float32 by the subtraction below (exact for uint8)
+        resized = image_bgr  # converted to float32 by the subtraction (exact for uint8)
     else:
         size = spec.input_size
         if size % spec.pad_multiple:
@@ -99,12 +159,6 @@ def prepare(image_bgr: np.ndarray, spec: ModelSpec) -> Prepared:
         scale = size / max(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         ch = cw = size
-        # already the right size: no float copy, the subtraction below converts (exact for uint8)
+        # already the right size: no float copy, the subtraction converts (exact for uint8)
         resized = image_bgr if (nh, nw) == (h, w) else resize_bilinear(image_bgr, nh, nw)
-    # padding (if any) must be zeros; without padding every value is written below
-    tensor = np.zeros((1, 3, ch, cw), np.float32) if (nh, nw) != (ch, cw) else np.empty((1, 3, ch, cw), np.float32)
-    for c, plane in enumerate(_planes(resized)):  # written plane by plane: no HWC -> CHW copy
-        np.subtract(plane, np.float32(spec.mean[c]), out=tensor[0, c, :nh, :nw])
-        if spec.std[c] != 1.0:
-            tensor[0, c, :nh, :nw] /= np.float32(spec.std[c])
-    return Prepared(tensor, scale, (0.0, 0.0), (h, w))
+    return Prepared(None, scale, (0.0, 0.0), (h, w), resized=resized, canvas_hw=(ch, cw), mean=spec.mean, std=spec.std)

@@ -95,6 +95,41 @@ def test_format_metadata_slots(bundles):
     assert m.get_rt_info(["retinaface_edge", "precision"]).astype(str) == "fp32"
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_openvino_normalises_the_uint8_canvas_inside_the_model(bundles, shared, precision):
+    """The pipeline hands OpenVINO the uint8 canvas (its pre-processing converts, subtracts the mean and reorders):
+    the outputs are bit-identical to the numpy-normalised tensor, padded canvases included; a resized image (float
+    pixels) and a spec with a fractional mean keep the tensor."""
+    import openvino as ov
+
+    from edge.contract import ModelSpec
+    from edge.pipeline import run_prepared
+    from edge.preprocess import prepare
+
+    bundle = bundles("openvino", precision)
+    runner, spec, _ = load_bundle_runner(bundle)
+    group = load_image(shared / "images" / "group.jpg")
+    pictures = [group[:640, :640], group[:300, :640], group[:640, :416], group]  # full, padded below, padded right, resized
+    for im in pictures:
+        prep = prepare(im, spec)
+        assert prep.has_canvas == (max(im.shape[:2]) == 640)
+        a, b = runner(prep.tensor), run_prepared(runner, prep)
+        for k in spec.output_names:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{k} {im.shape}")
+    assert runner._image_request is not None  # the canvas path did run
+    padded = prepare(group[:300, :640], spec)
+    assert padded.canvas.dtype == np.uint8 and np.all(padded.canvas[300:] == np.array(spec.mean, np.uint8))
+    assert not prepare(group[:640, :640], ModelSpec(mean=(104.5, 117.0, 123.0))).has_canvas
+    with pytest.raises(ValueError, match="uint8 BGR canvas"):
+        runner.run_image(prep.tensor)
+    # the class softmax is a sigmoid of the logit difference in the saved model: probabilities still sum to 1
+    meta = read_metadata(bundle)[1]
+    assert meta["quantization"]["softmax_as_sigmoid"] == 1
+    ops = {op.get_type_name() for op in ov.Core().read_model(str(bundle / "model.xml")).get_ordered_ops()}
+    assert "Softmax" not in ops and "Sigmoid" in ops
+    np.testing.assert_allclose(b["conf"].sum(-1), 1.0, atol=1e-6)
+
+
 def test_unsupported_combinations_refused_before_work(tmp_path):
     out = tmp_path / "x"
     with pytest.raises(ConfigError, match="onnx does not offer int8w"):

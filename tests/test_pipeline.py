@@ -106,6 +106,30 @@ def test_letterbox_and_rescale_round_trip():
     assert native.tensor.shape == (1, 3, 320, 512) and native.scale == 1.0
 
 
+def test_canvas_and_tensor_are_the_same_input():
+    """Prepared's two views: the uint8 canvas (mean colour in the pad) normalised by hand is the tensor, exactly;
+    no canvas where the image was resized; both views built lazily (a runner's own pre-processing skips the float tensor)."""
+    from edge.contract import ModelSpec
+
+    rng = np.random.default_rng(0)
+    spec = ModelSpec(input_size=640)
+    for hw in [(640, 640), (300, 640), (640, 416)]:
+        img = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+        prep = prepare(img, spec)
+        assert prep._tensor is None and prep.has_canvas and prep.input_hw == (640, 640)
+        canvas = prep.canvas
+        assert canvas.shape == (640, 640, 3) and canvas.dtype == np.uint8
+        np.testing.assert_array_equal(canvas[: hw[0], : hw[1]], img)
+        by_hand = (canvas.astype(np.float32) - np.array(spec.mean, np.float32)).transpose(2, 0, 1)[None]
+        np.testing.assert_array_equal(prep.tensor, by_hand)
+    full = rng.integers(0, 256, (640, 640, 3), dtype=np.uint8)
+    assert np.shares_memory(prepare(full, spec).canvas, full)  # nothing to pad: the image itself
+    resized = prepare(rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8), spec)
+    assert not resized.has_canvas and resized.tensor.shape == (1, 3, 640, 640)
+    with pytest.raises(ValueError, match="no exact uint8 canvas"):
+        resized.canvas
+
+
 def test_resize_matches_half_pixel_bilinear():
     img = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
     out = resize_bilinear(img, 2, 2)[..., 0]
