@@ -4,7 +4,7 @@ way in one run, with pre-processing, inference and post-processing timed separat
 Runs are taken in rounds: each round gives every candidate a block of runs (after two untimed ones),
 so drift on a shared machine hits all candidates alike. Not run by run: onnxruntime's worker threads
 spin for a while after each inference and slowed whatever ran next (OpenVINO int8 at 2 threads
-measured 6.1 ms interleaved run by run against 3.6 ms alone). The compute floor is the model's multiply-accumulates divided by the
+measured 6.1 ms interleaved run by run against 3.6 ms alone); each block starts after a short pause. The compute floor is the model's multiply-accumulates divided by the
 peak MAC rate of the same cores through the same runtime's kernels: a 1024^3 matrix product at
 the same thread count in onnxruntime (MatMul / MatMulInteger), TFLite (FULLY_CONNECTED, fp32 or
 int8), OpenVINO (MatMul, f32 or NNCF-quantised) or PyTorch (matmul).
@@ -19,6 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+
+# Pause before each candidate's block of runs. Five OpenVINO, TFLite and onnxruntime bundles in one run, 2 threads,
+# 640x640: without it every row came out 10-30 % slower than with it (OpenVINO FP32 9.8 against 7.1 ms, onnxruntime
+# FP32 11.3 against 8.6 ms), the two untimed runs notwithstanding.
+BLOCK_PAUSE_S = 0.1
 
 
 @dataclass
@@ -253,6 +259,8 @@ def bench(candidates: list[Candidate], image: np.ndarray, warmup: int, runs: int
     bar = tqdm(total=runs * len(candidates), desc=f"bench {threads} thread(s)", disable=not progress)
     for block in blocks:
         for c in candidates:
+            if len(candidates) > 1:  # let the previous runtime's worker threads go idle first (see the module doc)
+                time.sleep(BLOCK_PAUSE_S)
             for i in range(block + 2):  # the first two untimed: the previous candidate's runtime may still hold the cores
                 t = _timed_run(c.pipeline, image)
                 if i >= 2:
