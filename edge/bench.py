@@ -1,13 +1,13 @@
 """`edge bench`: latency of bundles, the FP32 PyTorch model and peer detectors, measured the same
 way in one run, with pre-processing, inference and post-processing timed separately.
 
-Runs are taken in rounds: each round gives every candidate a block of runs (after two untimed ones),
-so drift on a shared machine hits all candidates alike. Not run by run: onnxruntime's worker threads
-spin for a while after each inference and slowed whatever ran next (OpenVINO int8 at 2 threads
-measured 6.1 ms interleaved run by run against 3.6 ms alone); each block starts after a short pause. The compute floor is the model's multiply-accumulates divided by the
-peak MAC rate of the same cores through the same runtime's kernels: a 1024^3 matrix product at
-the same thread count in onnxruntime (MatMul / MatMulInteger), TFLite (FULLY_CONNECTED, fp32 or
-int8), OpenVINO (MatMul, f32 or NNCF-quantised) or PyTorch (matmul).
+Runs are taken in rounds: each round gives every candidate a block of runs (after a short pause and
+two untimed runs), so drift on a shared machine hits all candidates alike. Not run by run: onnxruntime's
+worker threads spin for a while after each inference and slowed whatever ran next (OpenVINO int8 at
+2 threads measured 6.1 ms interleaved run by run against 3.6 ms alone). The compute floor is the
+model's multiply-accumulates divided by the peak MAC rate of the same cores through the same runtime's
+kernels: a 1024^3 matrix product at the same thread count in onnxruntime (MatMul / MatMulInteger),
+TFLite (FULLY_CONNECTED, fp32 or int8), OpenVINO (MatMul, f32 or NNCF-quantised) or PyTorch (matmul).
 """
 from __future__ import annotations
 

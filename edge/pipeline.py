@@ -48,10 +48,7 @@ class Pipeline:
         """The input in the form this pipeline's runner takes (canvas or tensor), built here, not in `infer`."""
         img = load_image(image) if isinstance(image, (str, Path)) else check_image_array(image)
         prep = prepare(img, self.spec)
-        if _takes_canvas(self.runner, prep):
-            prep.canvas
-        else:
-            prep.tensor
+        _ = prep.canvas if _takes_canvas(self.runner, prep) else prep.tensor  # built now: timed as pre-processing
         return prep
 
     def postprocess(self, outputs: Outputs, prep: Prepared, batch_index: int = 0) -> Detections:
