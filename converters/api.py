@@ -1,7 +1,6 @@
 """The conversion API behind `edge-convert`: model -> bundle, validated before any work."""
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -11,8 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from converters.base import ConvertOptions, minimal_metadata, tool_version
-from converters.bundle import MESH_DECODER_FILE, FORMAT_VERSION, atomic_folder, attach_mesh_decoder, git_revision, write_metadata
-from converters.registry import TARGET_MODULES, target_module
+from converters.bundle import (MESH_DECODER_FILE, FORMAT_VERSION, atomic_folder, attach_mesh_decoder, check_destination, git_revision,
+                               write_metadata)
+from converters.registry import target_module
+from edge.contract import MAX_INPUT_SIZE
 from edge.errors import ConfigError
 
 QAT_TARGETS = ("tflite", "openvino", "onnx", "coreml")  # targets a PT2E QAT checkpoint converts to int8 for
@@ -30,6 +31,7 @@ class ConvertResult:
     model_bytes: int
     seconds: float
     parity: dict  # summary on the built-in pictures; passed None when the target cannot run here
+    replaced: str = "new"  # what was at the destination before: "new", "empty folder" or "bundle" (one of ours, replaced)
 
 
 def parity_images(size: int, mean) -> tuple[np.ndarray, list[str]]:
@@ -123,6 +125,8 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     caps.check(precision)
     if input_size <= 0 or input_size % 32:
         raise ConfigError(f"input size must be a positive multiple of 32, got {input_size}")
+    if input_size > MAX_INPUT_SIZE:
+        raise ConfigError(f"input size {input_size} is larger than the limit of {MAX_INPUT_SIZE}")
     if calib is not None and precision != "int8":
         raise ConfigError(f"--calib is only used for int8, not {precision}")
     float_modules = tuple(float_modules or ())
@@ -130,6 +134,7 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         raise ConfigError(f"--float-modules applies to the PT2E int8 routes ({', '.join(FLOAT_MODULE_TARGETS)}), "
                           f"not {target} {precision}")
     out = Path(out) if out else default_out(target, precision, input_size)
+    replaced = check_destination(out)  # before any work: never a file or a folder that is not one of our bundles
     t0 = time.perf_counter()
     model, info = load_weights(weights, arch=arch)
     if input_size % model.spec.pad_multiple:
@@ -222,4 +227,4 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         meta["gates"] = load_gates(target, precision)
         write_metadata(tmp, meta)
         size_bytes = sum(path_bytes(tmp / f) for f in [conv.model_file, *extra])
-    return ConvertResult(out, target, precision, size_bytes, time.perf_counter() - t0, meta["parity"])
+    return ConvertResult(out, target, precision, size_bytes, time.perf_counter() - t0, meta["parity"], replaced)

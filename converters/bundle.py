@@ -1,25 +1,29 @@
 """Bundles: a folder with the model file(s), metadata.json and golden.npz, written atomically.
 
 Writing: everything goes into `.<name>.partial-<pid>` beside the destination, then one rename
-puts it in place; a run killed at any point leaves the destination absent or complete. Loading
-checks the format version, the target, the file names and the SHA-256 of every file.
+puts it in place; a run killed at any point leaves the destination absent or complete (SIGINT and
+SIGTERM remove the partial folder on the way out). The destination is checked before any work:
+only a bundle this project wrote (`is_bundle`) or an empty folder is ever replaced; a file, a
+user's folder, or a place that cannot be written is refused. Loading checks the format version,
+the target, the file names and the SHA-256 of every file.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from edge.atomic import pid_alive
-from edge.contract import ModelSpec
-from edge.errors import BundleError
+from edge.contract import MAX_INPUT_SIZE, ModelSpec
+from edge.errors import BundleError, EdgeError, OutputError
+from edge.outputs import check_writable_folder, default_mode, display, existing_ancestor
 
 FORMAT_VERSION = 1
 MESH_DECODER_FILE = "mesh_decoder.npz"  # low-rank mesh heads: mean (3V,) and basis (K, 3V), float32
@@ -52,23 +56,70 @@ def clean_stale_partials(dest: Path) -> list[Path]:
     return removed
 
 
+def is_bundle(folder: Path) -> bool:
+    """Whether `folder` holds a bundle this project wrote: a metadata.json object with our format
+    version, a target, a model file and the file hash list. Nothing else is ever replaced."""
+    try:
+        meta = json.loads((Path(folder) / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(meta, dict) and isinstance(meta.get("format_version"), int) and isinstance(meta.get("target"), str)
+            and isinstance(meta.get("model_file"), str) and isinstance(meta.get("files"), dict))
+
+
+def check_destination(dest: str | Path) -> str:
+    """Check a bundle destination before any work. -> "new", "empty folder" or "bundle" (an existing
+    bundle of ours, to be replaced). Raises OutputError for a file, a link, a folder that is not one of
+    our bundles (nothing of the user's is deleted), or a place where nothing can be written.
+    Missing parent folders are fine: they are created."""
+    dest = Path(dest)
+    if str(dest) == "" or dest.name in ("", ".", ".."):
+        raise OutputError(f"--out {display(dest)}: not a folder name")
+    if dest.is_symlink():
+        raise OutputError(f"--out {display(dest)}: is a symbolic link; refusing to replace it (give a new folder)")
+    if dest.exists():
+        if not dest.is_dir():
+            raise OutputError(f"--out {display(dest)}: exists and is not a folder; refusing to replace it (give a new folder)")
+        if is_bundle(dest):
+            kind = "bundle"
+        elif not any(dest.iterdir()):
+            kind = "empty folder"
+        else:
+            raise OutputError(f"--out {display(dest)}: an existing folder that is not a retinaface-edge bundle; "
+                              "refusing to replace it (give a new or empty folder)")
+        check_writable_folder(Path(os.path.abspath(dest)).parent, "--out")
+        return kind
+    ancestor = existing_ancestor(dest)
+    if not ancestor.is_dir():
+        raise OutputError(f"--out {display(dest)}: {display(ancestor)} is not a folder")
+    check_writable_folder(ancestor, "--out")
+    return "new"
+
+
 @contextmanager
 def atomic_folder(dest: Path, overwrite: bool = True):
-    """Yield a temporary folder beside `dest`; on success it replaces `dest` by rename."""
+    """Yield a temporary folder beside `dest`; on success it replaces `dest` by rename.
+
+    `dest` is checked again just before the rename (`check_destination`), so a folder of the user's
+    that appeared there during the work is not replaced either. The new folder gets the user's
+    normal mode (umask), not the private mode of a temporary folder."""
     dest = Path(dest).absolute()
+    kind = check_destination(dest)
+    if kind != "new" and not overwrite:
+        raise BundleError(f"{dest} exists (pass --force to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(dest)
-    if dest.exists() and not overwrite:
-        raise BundleError(f"{dest} exists (pass --force to replace it)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}.", dir=dest.parent))
+    tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}.{secrets.token_hex(4)}"
+    tmp.mkdir(mode=0o777)  # umask applies, as for any folder the user makes
     try:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        os.chmod(tmp, default_mode(folder=True))
         old = None
-        if dest.exists():
+        if check_destination(dest) != "new":
             old = dest.parent / f".{dest.name}.old-{os.getpid()}"
             os.rename(dest, old)
         os.rename(tmp, dest)
@@ -156,7 +207,7 @@ def read_metadata(bundle: str | Path, verify: bool = True) -> tuple[Path, dict]:
     try:
         spec = ModelSpec.from_dict(meta["spec"])
         spec.output_names, spec.arch.anchors_per_cell  # noqa: B018 - derived fields must compute
-        if not (isinstance(spec.input_size, int) and spec.input_size > 0 and spec.input_size % 32 == 0):
+        if not (isinstance(spec.input_size, int) and 0 < spec.input_size <= MAX_INPUT_SIZE and spec.input_size % 32 == 0):
             raise ValueError(f"input_size {spec.input_size!r}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"bundle {folder.name}: metadata spec is invalid ({type(e).__name__}: {str(e)[:120]})") from None
@@ -172,7 +223,16 @@ def load_bundle_runner(bundle: str | Path, threads: int | None = None):
     reason = mod.CAPABILITIES.runs_here()
     if reason:
         raise BundleError(f"bundle {folder.name}: {reason}")
-    runner = attach_mesh_decoder(mod.load_runner(folder, meta, threads), folder, meta)
+    try:
+        runner = mod.load_runner(folder, meta, threads)
+    except (ImportError, EdgeError):
+        raise
+    except Exception as e:  # noqa: BLE001 - each runtime has its own error for a model it cannot parse
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BundleError(f"bundle {display(folder.name)}: {meta['model_file']} is not a model {meta['target']} can load "
+                          f"({type(e).__name__}: {msg[:160]}); its hash matches, so it was corrupt when the bundle was made "
+                          "or the metadata was re-hashed") from None
+    runner = attach_mesh_decoder(runner, folder, meta)
     spec = ModelSpec.from_dict(meta["spec"])
     desc = f"bundle {folder.name} [{meta['target']} {meta['precision']}, {runner.name}]"
     return runner, spec, desc

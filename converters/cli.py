@@ -6,8 +6,12 @@ import sys
 from pathlib import Path
 
 from converters.base import PRECISIONS
+from converters.bundle import check_destination
 from converters.registry import TARGET_MODULES, capabilities
+from edge.atomic import Terminated
+from edge.cli import setup_process
 from edge.errors import ConfigError, EdgeError
+from edge.outputs import display
 
 
 def _size(n: int) -> str:
@@ -49,9 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from edge.quiet import quiet_third_party
-
-    quiet_third_party()
+    setup_process()
     ap = make_parser()
     args = ap.parse_args(argv)
     if args.list:
@@ -61,6 +63,7 @@ def main(argv=None) -> int:
         ap.error("--target is required (or --list)")
     from converters.api import FLOAT_MODULE_TARGETS, convert, default_out
 
+    results = []
     try:
         if args.input_size is None:
             raise ConfigError("bundles have a fixed input size; 'native' is for edge detect/eval with --weights")
@@ -70,11 +73,15 @@ def main(argv=None) -> int:
             capabilities(t).check(args.precision)
             if float_modules and t not in FLOAT_MODULE_TARGETS:
                 raise ConfigError(f"--float-modules applies to {', '.join(FLOAT_MODULE_TARGETS)} int8, not {t}")
-        results = []
+        if args.target == "all":  # --out is the parent folder
+            outs = {t: Path(args.out or "bundles") / default_out(t, args.precision, args.input_size).name for t in targets}
+        else:
+            outs = {args.target: Path(args.out) if args.out else default_out(args.target, args.precision, args.input_size)}
+        for t, out in outs.items():  # every destination checked before any conversion starts
+            if check_destination(out) == "bundle":
+                print(f"edge-convert: {display(out)} holds a bundle written by retinaface-edge; it will be replaced", file=sys.stderr)
         for t in targets:
-            out = args.out
-            if args.target == "all":
-                out = Path(args.out or "bundles") / f"retinaface-{t}-{args.precision}-{args.input_size}"
+            out = outs[t]
             results.append(convert(t, args.precision, weights=args.weights, arch=args.arch, input_size=args.input_size,
                                    calib=args.calib, calib_count=args.calib_count, out=out, progress=not args.quiet,
                                    equalize={'auto': None, 'on': True, 'off': False}[args.equalize], float_modules=float_modules))
@@ -82,8 +89,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no bundle was written", file=sys.stderr)
+        print("interrupted: no bundle was written" if not results else
+              f"interrupted: {len(results)} bundle(s) written, the one in progress was not", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: no bundle was written" if not results else
+              f"terminated: {len(results)} bundle(s) written, the one in progress was not", file=sys.stderr)
+        return 143
     print()
     print(f"{'target':<9} {'precision':<9} {'size':>9}  {'parity':>8}  {'recall':>6}  {'mean IoU':>8}  {'lmk NME':>7}  {'s':>4}  bundle")
     failed = False

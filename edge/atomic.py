@@ -2,9 +2,26 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from edge.outputs import default_mode
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT, so that every
+    `finally` and temporary-folder cleanup runs before the process exits (code 143)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def terminate_cleanly() -> None:
+    """Turn SIGTERM into `Terminated` for this process (commands call it once, in the main thread)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def pid_alive(pid: int) -> bool:
@@ -37,7 +54,16 @@ def atomic_file(dest: str | Path):
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, default_mode(folder=False))  # mkstemp makes 0600; the file gets the user's usual mode
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(dest: str | Path, obj, indent: int = 1) -> None:
+    """Write JSON to `dest` atomically (a reader never sees half a file; an interrupted run leaves the old one)."""
+    import json
+
+    with atomic_file(dest) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=indent))

@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
-from edge.errors import ConfigError, EdgeError
+from edge.atomic import Terminated, atomic_file, terminate_cleanly
+from edge.contract import MAX_INPUT_SIZE
+from edge.errors import ConfigError, EdgeError, ImageError, ImageWarning, OutputError
+from edge.outputs import IMAGE_SUFFIXES, check_output_file, check_output_folder, display, distinct_names
 
 
 def input_size_arg(v: str) -> int | None:
@@ -18,6 +23,8 @@ def input_size_arg(v: str) -> int | None:
         raise argparse.ArgumentTypeError(f"input size must be an integer or 'native', got {v!r}") from None
     if n <= 0 or n % 32:
         raise argparse.ArgumentTypeError(f"input size must be a positive multiple of 32, got {n}")
+    if n > MAX_INPUT_SIZE:
+        raise argparse.ArgumentTypeError(f"input size {n} is larger than the limit of {MAX_INPUT_SIZE}")
     return n
 
 
@@ -82,31 +89,77 @@ def peer_pipeline(peer: str, input_size, post=None, threads=None):
     raise ConfigError(f"unknown peer {peer!r}; use yunet:PATH or blazeface:short_range|full_range")
 
 
+def draw_targets(draw: str | None, images: list[str]) -> list[Path] | None:
+    """Where `--draw` puts each image's overlay, checked before any work: one image and a path that is not
+    an existing folder -> that file (an image extension); otherwise a folder (existing or new) holding one
+    file per image, named so that no two collide (`edge.outputs.distinct_names`). A target that is one of
+    the input images is refused: an input is never overwritten."""
+    if not draw:
+        return None
+    d = Path(draw)
+    if len(images) == 1 and not d.is_dir():
+        targets = [check_output_file(d, "--draw", IMAGE_SUFFIXES)]
+    else:
+        check_output_folder(d, "--draw")
+        targets = [d / n for n in distinct_names(images, ".png")]
+    inputs = {os.path.realpath(p) for p in images}
+    for t in targets:
+        if os.path.realpath(t) in inputs:
+            raise OutputError(f"--draw would overwrite the input image {display(t)}; choose another folder or name")
+    return targets
+
+
+def _save_image(img, path: Path) -> None:
+    from PIL import Image
+
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    with atomic_file(path) as tmp:
+        img.save(tmp, format=fmt)
+
+
 def cmd_detect(args) -> int:
     from edge.draw import draw_detections
+    from edge.image_io import load_image
     from edge.pipeline import PostConfig
 
+    draws = draw_targets(args.draw, args.images)  # every output checked before the model is even loaded
+    if args.json:
+        check_output_file(args.json, "--json")
     post = PostConfig(score_threshold=args.score, nms_threshold=args.nms)
     pipe, desc = build_pipeline(args, args.input_size, post)
     print(f"model: {desc}; input {'native (padded to 32)' if args.input_size is None else args.input_size}", file=sys.stderr)
-    results = []
-    for image in args.images:
-        prep = pipe.preprocess(image)
-        det = pipe.postprocess(pipe.infer(prep), prep)
-        results.append({"image": str(image), "model": desc, "faces": det.to_json()})
-        print(f"{image}: {len(det)} faces (score >= {args.score})")
-        if args.draw:
-            out = Path(args.draw)
-            if len(args.images) > 1:
-                out.mkdir(parents=True, exist_ok=True)
-                out = out / (Path(image).stem + ".png")
-            from edge.image_io import load_image
-
-            draw_detections(load_image(image), [(det, (0, 255, 0))]).save(out)
-            print(f"  drawn: {out}", file=sys.stderr)
+    results, failures = [], []
+    for i, image in enumerate(args.images):
+        shown = display(image)
+        try:  # one bad image is reported and the others go on
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ImageWarning)
+                img = load_image(image)
+            notes = [str(w.message) for w in caught if issubclass(w.category, ImageWarning)]
+            for n in notes:
+                print(f"warning: {n}", file=sys.stderr)
+            prep = pipe.preprocess(img)
+            det = pipe.postprocess(pipe.infer(prep), prep)
+        except ImageError as e:
+            failures.append(shown)
+            results.append({"image": shown, "error": str(e)})
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        entry = {"image": shown, "model": desc, "faces": det.to_json()}
+        if notes:
+            entry["warnings"] = notes
+        results.append(entry)
+        print(f"{shown}: {len(det)} faces (score >= {args.score})")
+        if draws:
+            draws[i].parent.mkdir(exist_ok=True)
+            _save_image(draw_detections(img, [(det, (0, 255, 0))]), draws[i])
+            print(f"  drawn: {display(draws[i])}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
-    return 0
+        with atomic_file(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+    if failures and len(args.images) > 1:
+        print(f"error: {len(failures)} of {len(args.images)} images failed: {', '.join(failures)}"[:2000], file=sys.stderr)
+    return 2 if failures else 0
 
 
 def cmd_weights(args) -> int:
@@ -171,12 +224,32 @@ def run(argv, parser: argparse.ArgumentParser) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
 
 
-def main(argv=None) -> int:
+def setup_process() -> None:
+    """What every command does first: third-party chatter off, SIGTERM cleaned up like Ctrl-C, and output
+    streams that print any file name (bytes that are not UTF-8 come out as escapes, not a traceback)."""
     from edge.quiet import quiet_third_party
 
     quiet_third_party()
+    terminate_cleanly()
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    if issubclass(category, ImageWarning):
+        return f"warning: {message}\n"
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
+
+
+def main(argv=None) -> int:
+    setup_process()
     return run(argv, make_parser())
 
 

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STRIDES = (8, 16, 32)
+# Largest square input side accepted. 4096^2 is 16.8 M pixels, past every camera frame the detector is used on;
+# the first feature map alone is 0.5 GB of float32 there, and larger sides only run out of memory.
+MAX_INPUT_SIZE = 4096
 STRIDES_P2_P6 = (4, 8, 16, 32, 64)
 # Per-anchor width of each raw output, in the order the model returns them.
 OUTPUT_WIDTHS = {"loc": 4, "conf": 2, "landmarks": 10}

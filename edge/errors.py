@@ -21,3 +21,11 @@ class ConfigError(EdgeError):
 
 class BundleError(EdgeError):
     """A bundle folder that is missing files, tampered with or of another format version."""
+
+
+class OutputError(EdgeError):
+    """An output path that cannot be written, or whose writing would replace something that is not ours."""
+
+
+class ImageWarning(UserWarning):
+    """An image that loads but not whole (e.g. only the first frame of an animation or a multi-page TIFF)."""

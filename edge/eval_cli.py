@@ -1,10 +1,10 @@
 """`edge eval widerface|aflw2000`: one code path for any model or bundle."""
 from __future__ import annotations
 
-import json
-import sys
 import time
-from pathlib import Path
+
+from edge.atomic import write_json
+from edge.outputs import check_args
 
 
 def cmd_widerface(args) -> int:
@@ -12,6 +12,7 @@ def cmd_widerface(args) -> int:
     from edge.cli import build_pipeline
     from edge.pipeline import PostConfig
 
+    check_args(args, files=("json",), folders=("save_txt",), images=("plot",))
     post = PostConfig(score_threshold=args.score, nms_threshold=args.nms, keep_top_k=args.max_dets)
     pipe, desc = build_pipeline(args, args.input_size, post)
     gt = wf.load_gt(args.gt)
@@ -28,7 +29,7 @@ def cmd_widerface(args) -> int:
     print(f"WIDER FACE val ({res['images']} images, input {size}): easy {100 * res['easy']:.2f}  medium {100 * res['medium']:.2f}  "
           f"hard {100 * res['hard']:.2f}   [{desc}; {secs:.0f} s]")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_json(args.json, out)
     if args.plot:
         wf.plot_pr(res, args.plot, f"{desc}, input {size}, {res['images']} images")
     if args.save_txt:
@@ -41,6 +42,7 @@ def cmd_aflw(args) -> int:
     from edge.cli import build_pipeline
     from edge.pipeline import PostConfig
 
+    check_args(args, files=("json",))
     pipe, desc = build_pipeline(args, args.input_size, PostConfig(score_threshold=args.score, nms_threshold=0.4))
     t = time.perf_counter()
     teacher = None
@@ -56,7 +58,7 @@ def cmd_aflw(args) -> int:
           f"[0-30] {100 * res['nme_0_30']:.2f}  [30-60] {100 * res['nme_30_60']:.2f}  [60-90] {100 * res['nme_60_90']:.2f}  "
           f"miss rate {100 * res['miss_rate']:.2f} %   [{desc}]")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        write_json(args.json, res)
     return 0
 
 

@@ -4,12 +4,16 @@ Bad files raise `ImageError` with one line naming the problem, never a decoder t
 """
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from edge.errors import ImageError
+from edge.errors import ImageError, ImageWarning
+from edge.outputs import display
 
 # Decompression-bomb guard: images declaring more pixels than this are refused before decoding.
 MAX_PIXELS = 64_000_000
@@ -49,13 +53,9 @@ def load_image(path: str | Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    name = path.name
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a folder, not an image")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{name}: empty file (0 bytes)")
+    name = display(path.name)
+    check_image_file(path)
+    frames = 1
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data": the pixels decide
@@ -66,6 +66,7 @@ def load_image(path: str | Path) -> np.ndarray:
                     raise ImageError(f"{name}: image has zero size ({w}x{h})")
                 if w * h > MAX_PIXELS:
                     raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {MAX_PIXELS:,}")
+                frames = int(getattr(img, "n_frames", 1) or 1)
                 img.load()
                 img = ImageOps.exif_transpose(img) or img
                 rgb = _to_rgb(img, name)
@@ -81,8 +82,46 @@ def load_image(path: str | Path) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - decoders raise other types on malformed files
         # found by fuzzing: Pillow 13's TIFF plugin raises TypeError on a rational strip offset
         raise ImageError(f"{name}: corrupt image ({type(e).__name__} in the decoder: {str(e)[:120]})") from None
+    if frames > 1:
+        warnings.warn(f"{name}: holds {frames} frames (an animation or a multi-page file); only the first is used", ImageWarning,
+                      stacklevel=2)
     arr = np.asarray(rgb, dtype=np.uint8)
     return np.ascontiguousarray(arr[..., ::-1])
+
+
+def check_image_file(path: Path) -> None:
+    """Say what is wrong with a path before any decoder sees it: missing, a broken or looping link, a folder,
+    a pipe or device, unreadable, empty. Raises ImageError naming the file."""
+    shown = display(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageError(f"{shown}: a broken symbolic link (its target {display(os.readlink(path))} does not exist)") from None
+        raise ImageError(f"{shown}: no such file") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(f"{shown}: a symbolic link loop (the link resolves to itself)") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise ImageError(f"{shown}: permission denied (a folder on the way cannot be entered)") from None
+        raise ImageError(f"{shown}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{shown}: is a folder, not an image")
+    if stat.S_ISFIFO(st.st_mode):
+        raise ImageError(f"{shown}: a pipe, not an image file (save the stream to a file and pass that)")
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        raise ImageError(f"{shown}: a device, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{shown}: not a regular file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise ImageError(f"{shown}: permission denied (the file is not readable by this user)") from None
+    except OSError as e:
+        raise ImageError(f"{shown}: cannot be opened ({e.strerror or type(e).__name__})") from None
+    if st.st_size == 0:
+        raise ImageError(f"{display(path.name)}: empty file (0 bytes)")
 
 
 def check_image_array(image: np.ndarray, name: str = "image") -> np.ndarray:

@@ -1,8 +1,6 @@
 """`edge parity BUNDLE`: the bundle against the FP32 PyTorch reference, with the bundle's gates."""
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +83,11 @@ def run_parity(bundle: str | Path, images=None, *, reference_device: str = "cpu"
 
 
 def cmd_parity(args) -> int:
+    from edge.atomic import write_json
+    from edge.outputs import check_args
     from edge.parity import write_report
 
+    check_args(args, files=("json",), folders=("report",))
     imgs = folder_images(args.images, args.limit) if args.images else None
     other, against = None, None
     if args.against:  # another FP32 model as the reference: the unpruned model, or the pruned one a QAT bundle came from
@@ -114,7 +115,7 @@ def cmd_parity(args) -> int:
     for msg in s["failed"]:
         print(f"  gate failed: {msg}")
     if args.json:
-        Path(args.json).write_text(json.dumps(s, indent=1))
+        write_json(args.json, s)
     if args.report:
         path = write_report(rep, s, s["gates"], s["failed"], dets, images, args.report)
         print(f"  report: {path}")

@@ -2,7 +2,6 @@
 memory. A leak in a runtime binding or in our pre/post-processing shows as growth after warm-up."""
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -49,6 +48,10 @@ def soak(bundle: str, n: int, warmup: int, every: int = 500, progress: bool = Tr
 
 
 def cmd_soak(args) -> int:
+    from edge.atomic import write_json
+    from edge.outputs import check_args
+
+    check_args(args, files=("json",))
     results = []
     ok = True
     for b in args.bundles:
@@ -61,7 +64,7 @@ def cmd_soak(args) -> int:
               f"{r['warmup']} warm-up -> {r['rss_final_mb']} MB (max {r['rss_max_mb']}), growth {r['growth_pct']} % "
               f"(limit {args.max_growth} %); face counts seen {r['face_counts_seen']} -> {'ok' if passed else 'FAILED'}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
     return 0 if ok else 1
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import io
 import os
 import pickle
 import re
@@ -250,13 +249,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise WeightsError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise WeightsError(f"checkpoint is empty (0 bytes): {path}")
+    other = other_format(path)
+    if other:
+        raise WeightsError(f"{path.name} is {other}, not a PyTorch checkpoint (a .pth/.pt state_dict is expected)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch 2.13 warns on pickle protocol 4 before refusing
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e) or "Unsupported operand" in str(e):
             raise WeightsError(
                 f"checkpoint {path.name} contains pickled code or objects other than tensors; refused "
                 "(only plain tensor state_dicts are loaded)"
@@ -283,8 +285,58 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return out, meta
 
 
+def other_format(path: Path) -> str | None:
+    """What a file is when it is plainly not a PyTorch checkpoint (read from its first bytes), else None.
+    PyTorch writes a zip archive holding `*/data.pkl`, or (before 1.6) a bare pickle."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None  # a damaged archive: torch.load names the damage
+        if any(n.endswith("data.pkl") for n in names):
+            return None
+        if names and all(n.endswith(".npy") for n in names):
+            return "a NumPy .npz archive"
+        return "a zip archive without a PyTorch data.pkl"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return None  # a pickle: torch.load with weights_only decides
+    if head[4:8] == b"TFL3":
+        return "a TFLite model"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy array"
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file (Keras?)"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip-compressed file"
+    if head[:1] == b"\x08" and _is_onnx(path):
+        return "an ONNX model (ONNX files are converted from, not loaded as weights; pass the .pth it was exported from)"
+    try:
+        head.decode("utf-8")
+        if head.strip() and all(c >= 0x20 or c in b"\t\r\n" for c in head):
+            return "a text file"
+    except UnicodeDecodeError:
+        pass
+    return f"a file of unknown format (it starts with bytes {head[:8].hex(' ')})"
+
+
+def _is_onnx(path: Path) -> bool:
+    try:
+        import onnx
+    except ImportError:
+        return path.suffix.lower() == ".onnx"
+    try:
+        m = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - any parse failure means "not ONNX"
+        return False
+    return m.ir_version > 0 and len(m.graph.node) > 0
+
+
 def load_into(model: RetinaFace, state: dict[str, torch.Tensor], what: str) -> None:
-    """Strict load: missing, unexpected or mis-shaped keys are named in the error."""
+    """Strict load: missing, unexpected or mis-shaped keys are named in the error; so are tensors that
+    are not floating point where the model's are, and NaN or Inf values (a model that "finds 0 faces")."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -301,6 +353,13 @@ def load_into(model: RetinaFace, state: dict[str, torch.Tensor], what: str) -> N
         raise WeightsError(
             f"{what} is not a RetinaFace-MobileNet-0.25 checkpoint for this architecture: " + "; ".join(problems)
         )
+    not_float = sorted(k for k in own if own[k].is_floating_point() and not state[k].is_floating_point())
+    if not_float:
+        desc = [f"{k} {state[k].dtype}" for k in not_float]
+        raise WeightsError(f"{what} holds {len(not_float)} non-floating-point weight tensors ({_names_summary(desc, 3)})")
+    bad = sorted(k for k in own if own[k].is_floating_point() and not bool(torch.isfinite(state[k]).all()))
+    if bad:
+        raise WeightsError(f"{what} holds NaN or Inf values in {len(bad)} tensors ({_names_summary(bad)})")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 

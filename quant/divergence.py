@@ -12,9 +12,7 @@ half a step away) from the layer before.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -93,7 +91,11 @@ def main(argv=None) -> int:
     from edge.image_io import load_image
     from edge.preprocess import prepare
 
+    from edge.atomic import write_json
+    from edge.outputs import check_args
+
     try:
+        check_args(args, files=("json",))
         folder, meta = read_metadata(args.bundle)
         if meta["target"] != "tflite" or meta["precision"] != "int8":
             print(f"error: {args.bundle} is a {meta['target']} {meta['precision']} bundle; this compares int8 TFLite", file=sys.stderr)
@@ -108,8 +110,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['name'][:32]:32s} {'x'.join(map(str, r['shape'][1:])):>18s} {r['rel_rms']:8.4f} {r['off']:6.3f} {r['max_steps']:9.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"qat": str(args.qat), "bundle": str(args.bundle), "image": args.image,
-                                               "kernels": "builtin" if args.builtin else "xnnpack", "layers": rows}, indent=1))
+        write_json(args.json, {"qat": str(args.qat), "bundle": str(args.bundle), "image": args.image,
+                               "kernels": "builtin" if args.builtin else "xnnpack", "layers": rows})
     return 0
 
 

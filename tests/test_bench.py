@@ -26,8 +26,13 @@ def test_bench_table_json_and_report(bundles, shared, tmp_path, capsys):
     for r in rows:
         assert r["ms"]["e2e"]["median"] >= r["ms"]["infer"]["median"] > 0 and r["runs"] == 3 and r["image_hw"] == [640, 640]
     ours = rows[0]
-    assert 0.9 < ours["gmacs"] < 1.1 and ours["infer_over_floor"] > 1.0  # 0.99 GMACs at 640; nothing beats the floor
+    # 0.99 GMACs at 640. The floor is an estimate from a timing, so no bound on the ratio (a loaded machine moves it):
+    # only that it is the arithmetic it claims to be
+    assert 0.9 < ours["gmacs"] < 1.1 and ours["floor_is_estimate"] and ours["peak_gmacs_per_s"] > 0
+    assert ours["floor_ms"] == pytest.approx(ours["gmacs"] / ours["peak_gmacs_per_s"] * 1e3)
+    assert ours["infer_over_floor"] == pytest.approx(ours["ms"]["infer"]["median"] / ours["floor_ms"])
     md = (tmp_path / "rep" / "bench.md").read_text()
+    assert "infer / floor (estimate)" in md and "An estimate" in md
     assert "| onnx fp32 | 1 | 640x640 |" in md and "60.00" in md and (tmp_path / "rep" / "latency_vs_ap.png").is_file()
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 
 SUPPORTED_FORMAT = 1
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # as the project's bundle writer names files
 
 
 class BundleCheckError(Exception):
@@ -37,25 +39,70 @@ def sha256_path(p: Path) -> str:
     return file_hash(p)
 
 
+def _fail(folder: Path, msg: str):
+    raise BundleCheckError(f"bundle {folder.name or folder}: {msg}")
+
+
+def _check_name(folder: Path, what: str, name) -> str:
+    """A file of the bundle is named by a plain file name inside it: no folder part, no '..', not absolute."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        _fail(folder, f"{what} {name!r} is not a plain file name inside the bundle (tampered metadata?)"[:300])
+    return name
+
+
 def load_bundle(folder: str | Path) -> tuple[Path, dict, dict]:
-    """-> (folder, metadata, golden arrays), after checking format version and every file's SHA-256."""
+    """-> (folder, metadata, golden arrays), after checking the metadata's shape, the format version and
+    every file's SHA-256. Every file this suite reads (the model, golden.npz, the mesh decoder) must be
+    in the metadata's hash list, so nothing outside the list is ever loaded."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleCheckError(f"{folder}: not a bundle folder")
     meta_path = folder / "metadata.json"
     if not meta_path.is_file():
-        raise BundleCheckError(f"{folder}: no metadata.json")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version", 10**6) > SUPPORTED_FORMAT:
-        raise BundleCheckError(f"{folder.name}: format version {meta.get('format_version')} is newer than this suite ({SUPPORTED_FORMAT})")
-    for name, digest in meta["files"].items():
-        if "/" in name or ".." in name:
-            raise BundleCheckError(f"{folder.name}: unsafe file name {name!r}")
+        _fail(folder, "no metadata.json")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        _fail(folder, f"metadata.json is not valid JSON ({str(e)[:120]})")
+    if not isinstance(meta, dict):
+        _fail(folder, f"metadata.json holds a JSON {type(meta).__name__}, not an object: not a bundle's metadata")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        _fail(folder, "metadata.json has no integer format_version")
+    if version > SUPPORTED_FORMAT:
+        _fail(folder, f"format version {version} is newer than this suite ({SUPPORTED_FORMAT})")
+    for key, kind in (("target", str), ("precision", str), ("files", dict), ("spec", dict), ("gates", dict)):
+        if not isinstance(meta.get(key), kind):
+            _fail(folder, f"metadata.json lacks {key!r} (or it is not a {kind.__name__})")
+    files = meta["files"]
+    for name, digest in files.items():
+        _check_name(folder, "file", name)
+        if not isinstance(digest, str):
+            _fail(folder, f"the SHA-256 of {name} in metadata.json is not a string")
+    model_file = _check_name(folder, "model_file", meta.get("model_file"))
+    for name in (model_file, "golden.npz"):
+        if name not in files:
+            _fail(folder, f"{name} is not in metadata.json's hash list; refusing to load a file that cannot be verified")
+    if meta["spec"].get("mesh_rank"):
+        _check_name(folder, "mesh_decoder", meta.get("mesh_decoder"))
+    for name, digest in files.items():
         p = folder / name
-        if not p.exists():
-            raise BundleCheckError(f"{folder.name}: {name} is missing")
+        if p.is_symlink() or not p.exists():
+            _fail(folder, f"{name} is missing" + (" (a symbolic link in its place)" if p.is_symlink() else ""))
         if sha256_path(p) != digest:
-            raise BundleCheckError(f"{folder.name}: {name} does not match its SHA-256 (tampered or corrupt)")
-    with np.load(folder / "golden.npz", allow_pickle=False) as z:
-        golden = {k: z[k] for k in z.files}
+            _fail(folder, f"{name} does not match its SHA-256 (tampered or corrupt)")
+    spec = meta["spec"]
+    try:
+        for key in ("mean", "std", "steps", "variances", "output_names"):
+            spec[key]  # noqa: B018 - present
+        spec["arch"]["min_sizes"]  # noqa: B018
+    except (KeyError, TypeError) as e:
+        _fail(folder, f"metadata.json's spec lacks {e}")
+    try:
+        with np.load(folder / "golden.npz", allow_pickle=False) as z:
+            golden = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        _fail(folder, f"golden.npz is unreadable ({type(e).__name__}: {str(e)[:120]})")
     return folder, meta, golden
 
 
@@ -65,7 +112,7 @@ def mesh_decoder_of(folder: Path, meta: dict):
         return None
     name = meta.get("mesh_decoder")
     if name not in meta["files"]:
-        raise BundleCheckError(f"{folder.name}: a low-rank mesh head but no mesh decoder file")
+        _fail(folder, "a low-rank mesh head but its mesh decoder file is not in the hash list")
     with np.load(folder / name, allow_pickle=False) as z:
         return z["mean"].astype(np.float32), z["basis"].astype(np.float32)
 
@@ -225,12 +272,17 @@ def run_check(folder, runner) -> dict:
 def check_on_device(bundle, target: str, make_runner) -> dict:
     """The device suites' one test: the bundle is for `target`, `make_runner(model_path, output_names)`
     -> (run, runtime name) builds the runtime, and the bundle passes its gates against golden.npz."""
-    import json as _json
-
     folder, meta, _ = load_bundle(bundle)
     if meta["target"] != target:
         raise BundleCheckError(f"this suite runs {target} bundles, got {meta['target']}")
-    run, runtime = make_runner(folder / meta["model_file"], meta["spec"]["output_names"])
+    model = folder / meta["model_file"]  # a plain name in the hash list, verified by load_bundle
+    try:
+        run, runtime = make_runner(model, meta["spec"]["output_names"])
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any runtime's own error on a model it cannot read, named with the file
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _fail(folder, f"the runtime cannot load {meta['model_file']} ({type(e).__name__}: {msg[:160]})")
     s = run_check(folder, run)
-    print(f"\nruntime: {runtime}\n" + _json.dumps(s, indent=1))
+    print(f"\nruntime: {runtime}\n" + json.dumps(s, indent=1))
     return s
