@@ -96,3 +96,64 @@ def test_rpi_suite_passes_and_can_fail(rpi_python, bundles, tmp_path):
     write_metadata(shifted, meta)
     r = _run_suite(rpi_python, tmp_path, shifted)
     assert r.returncode != 0 and "mean_iou" in r.stdout
+
+
+def _tampered_metadata(src, root, case):
+    """A copy of `src` whose metadata was edited as an attacker would (hashes left as they are unless said)."""
+    d = root / case
+    shutil.copytree(src, d)
+    meta = json.loads((d / "metadata.json").read_text())
+    if case == "model_outside":  # a tampered model beside the bundle, named by a relative path
+        outside = root / "outside"
+        outside.mkdir(exist_ok=True)
+        data = bytearray((d / "model.tflite").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (outside / "model.tflite").write_bytes(bytes(data))
+        meta["model_file"] = "../outside/model.tflite"
+    elif case == "model_absolute":
+        meta["model_file"] = str((root / "outside" / "model.tflite").resolve())
+    elif case == "model_not_hashed":  # the model dropped from the hash list, then one byte flipped
+        meta["files"].pop(meta["model_file"])
+        data = bytearray((d / "model.tflite").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (d / "model.tflite").write_bytes(bytes(data))
+    elif case == "golden_not_hashed":
+        meta["files"].pop("golden.npz")
+    elif case == "metadata_array":
+        meta = [meta]
+    elif case == "files_not_object":
+        meta["files"] = ["model.tflite"]
+    (d / "metadata.json").write_text(json.dumps(meta))
+    return d
+
+
+TAMPER_CASES = {
+    "model_outside": "model_file '../outside/model.tflite' is not a plain file name inside the bundle",
+    "model_absolute": "is not a plain file name inside the bundle",
+    "model_not_hashed": "model.tflite is not in metadata.json's hash list",
+    "golden_not_hashed": "golden.npz is not in metadata.json's hash list",
+    "metadata_array": "metadata.json holds a JSON list, not an object",
+    "files_not_object": "metadata.json lacks 'files'",
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPER_CASES))
+def test_device_loader_refuses_tampered_metadata(bundles, tmp_path, case):
+    """In-process, every case: the suite's loader refuses the bundle before any runtime sees a file."""
+    if case == "model_absolute":
+        _tampered_metadata(bundles("tflite", "int8"), tmp_path, "model_outside")
+    d = _tampered_metadata(bundles("tflite", "int8"), tmp_path, case)
+    with pytest.raises(edgecheck.BundleCheckError, match=TAMPER_CASES[case].replace("(", r"\(").replace(")", r"\)")):
+        edgecheck.check_on_device(d, "tflite", lambda *a: pytest.fail("the runtime was reached"))
+
+
+def test_rpi_suite_refuses_tampered_bundles(rpi_python, bundles, tmp_path):
+    """The same cases through the real device suite in the bookworm-like environment: each run fails, saying why."""
+    src = bundles("tflite", "int8")
+    root = tmp_path / "bundles"
+    root.mkdir()
+    for case in ("model_outside", "model_absolute", "model_not_hashed", "metadata_array"):
+        d = _tampered_metadata(src, root, case)
+        r = _run_suite(rpi_python, tmp_path, d)
+        assert r.returncode != 0, f"{case}: the suite passed a tampered bundle"
+        assert TAMPER_CASES[case] in r.stdout and "AttributeError" not in r.stdout, (case, r.stdout[-2000:])
