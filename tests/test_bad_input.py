@@ -135,7 +135,7 @@ def test_cli_bad_checkpoint_exit_2(tmp_path, capsys):
     p = tmp_path / "x.pth"
     p.write_bytes(b"garbage" * 10)
     assert cli.main(["detect", str(grace_hopper_path()), "--weights", str(p)]) == 2
-    assert "error: checkpoint x.pth" in capsys.readouterr().err
+    assert "error: x.pth is a text file, not a PyTorch checkpoint" in capsys.readouterr().err
 
 
 def test_cli_subprocess_has_no_traceback(tmp_path, photo):
