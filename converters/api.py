@@ -17,7 +17,7 @@ from edge.contract import MAX_INPUT_SIZE
 from edge.errors import ConfigError
 
 QAT_TARGETS = ("tflite", "openvino", "onnx", "coreml")  # targets a PT2E QAT checkpoint converts to int8 for
-FLOAT_MODULE_TARGETS = ("tflite", "coreml")  # whose int8 PTQ is the PT2E program: modules can stay float
+FLOAT_MODULE_TARGETS = ("coreml",)  # PT2E int8 PTQ with float modules (TFLite int8 is full-integer: none)
 GOLDEN_TOP_K = 256  # anchors per image kept in golden.npz (the reference's highest face scores)
 TOOLS = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "litert-torch", "ai-edge-litert", "ai-edge-quantizer",
          "torchao", "openvino", "nncf", "coremltools")

@@ -3,8 +3,13 @@
 fp32: litert_torch.convert. fp16: the fp32 flatbuffer with float16 weights (ai-edge-quantizer's
 float_casting; dequantised to float at load, so CPU compute stays fp32, GPU delegates use fp16).
 int8: PT2E post-training quantisation (per-channel symmetric int8 weights, int8 activations from
-histogram observers on the calibration set), converted to a full-integer graph; the softmax and
-the FPN's upsample/add stay float, as litert-torch lowers them.
+histogram observers on the calibration set) of the model behind its own normalisation
+(`quant.ptq.CanvasInput`), annotated so that every op is int8 (`quant.ptq.full_integer_quantizer`) and
+in the form XNNPACK runs as one partition (`edge.model.integer_graph_form`): a full-integer graph whose
+input is the (1, S, S, 3) BGR canvas as int8 (pixel - 128, scale 1) and whose outputs are int8, their
+scales in the bundle's metadata (`quantization.io`). The op table is recorded and checked: a float
+compute op in an int8 graph fails the conversion. A QAT checkpoint's program (`edge compress`) still
+converts to the earlier hybrid graph (float softmax, upsampling and additions; NCHW float input).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ CAPABILITIES = Capabilities(
     routes={
         "fp32": "litert_torch.convert",
         "fp16": "fp32 flatbuffer, float16 weights (ai-edge-quantizer float_casting)",
-        "int8": "PT2E PTQ (per-channel int8 weights, int8 activations) -> litert_torch.convert",
+        "int8": "full-integer: PT2E PTQ (per-channel int8 weights, int8 activations, int8 softmax/upsample/add), "
+                "canvas input -> litert_torch.convert",
     },
     convert_requires=("litert_torch", "ai_edge_quantizer", "torchao"),
     run_requires=("ai_edge_litert", "tflite_runtime", "tensorflow"),
@@ -38,15 +44,50 @@ def _convert_fp32(model, x: torch.Tensor, path: Path) -> None:
     litert_torch.convert(TupleOutputs(model).eval(), (x,)).export(str(path))
 
 
-def _convert_int8(model, x, calib, spec, path: Path, progress: bool, float_modules=()) -> dict:
+def _convert_int8(model, calib, spec, path: Path, progress: bool) -> dict:
+    """The full-integer route: (1, S, S, 3) int8 canvas in, int8 outputs."""
     import litert_torch
     from litert_torch.quantize.quant_config import QuantConfig
     from quant.ptq import converted, pt2e_calibrated
 
-    gm, quantizer = pt2e_calibrated(model, spec, calib, progress, float_modules)
+    gm, quantizer = pt2e_calibrated(model, spec, calib, progress, full_integer=True)
     gm = converted(gm, fold_quantize=False)
+    x = torch.zeros(1, spec.input_size, spec.input_size, 3)
     litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
-    return {"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (histogram observer)"}
+    return {"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (histogram observer)",
+            "graph": "full-integer: BGR canvas in (NHWC, normalised inside the model), int8 out"}
+
+
+# Ops that only move, copy or requantise integers; every other op of an int8 graph must have integer inputs.
+FLOAT_FREE_OPS = {"QUANTIZE", "DEQUANTIZE", "DELEGATE"}
+
+
+def float_compute_ops(ops: dict[str, int]) -> dict[str, int]:
+    """The entries of an op table ("OP:in->out" -> count) that compute in floating point: any op other than a
+    (de)quantise whose input or output is a float tensor."""
+    out = {}
+    for key, n in ops.items():
+        op, _, types = key.partition(":")
+        if op in FLOAT_FREE_OPS:
+            continue
+        if "float" in types:
+            out[key] = n
+    return out
+
+
+def io_quantization(path: Path, output_names) -> dict:
+    """The graph's input and outputs as device code reads them: layout, dtype, scale and zero point."""
+    r = TFLiteRunner(path, output_names)
+    inp = r.inp
+    shape = [int(v) for v in inp["shape"]]
+    res = {"input": {"shape": shape, "dtype": np.dtype(inp["dtype"]).name,
+                     "layout": "NHWC" if shape[-1] == 3 else "NCHW",
+                     "scale": float(inp["quantization"][0]), "zero_point": int(inp["quantization"][1])}}
+    if r.canvas_input:
+        res["input"]["format"] = CANVAS_FORMAT
+    res["outputs"] = {n: {"dtype": np.dtype(o["dtype"]).name, "scale": float(o["quantization"][0]),
+                          "zero_point": int(o["quantization"][1])} for n, o in zip(r.output_names, r.outs)}
+    return res
 
 
 def _convert_fp16(src: Path, dst: Path) -> None:
@@ -92,21 +133,42 @@ def read_metadata(path: Path) -> dict | None:
     return None
 
 
-def op_summary(path: Path) -> dict:
-    interp = _interpreter_class()[0](model_path=str(path))
+def op_table(path: Path) -> dict[str, int]:
+    """The graph's ops as "OP:input dtype->output dtype" -> count, read from the flatbuffer before any delegate
+    is applied (ai-edge-litert's op details; the first input and output tensor stand for the op)."""
+    interp = _interpreter_class()[0](model_path=str(path), experimental_op_resolver_type=_builtin_resolver())
+    interp.allocate_tensors()
     tensors = interp.get_tensor_details()
     counts: dict[str, int] = {}
+
+    def dtype(ids):
+        ids = [i for i in ids if i >= 0]
+        return np.dtype(tensors[ids[0]]["dtype"]).name if ids else "-"
+
     for op in interp._get_ops_details():
-        dtype = np.dtype(tensors[op["inputs"][0]]["dtype"]).name if len(op["inputs"]) and op["inputs"][0] >= 0 else "-"
-        key = f"{op['op_name']}:{dtype}"
+        key = f"{op['op_name']}:{dtype(op['inputs'])}->{dtype(op['outputs'])}"
         counts[key] = counts.get(key, 0) + 1
-    return {"ops": dict(sorted(counts.items()))}
+    return dict(sorted(counts.items()))
+
+
+def _builtin_resolver():
+    from ai_edge_litert.interpreter import OpResolverType
+
+    return OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+
+
+def op_summary(path: Path) -> dict:
+    return {"ops": op_table(path)}
 
 
 def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: dict[str, str]) -> Converted:
     out = workdir / "model.tflite"
     x = torch.zeros(1, 3, opts.input_size, opts.input_size)
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
+    if opts.precision == "int8" and opts.float_modules:
+        from edge.errors import ConfigError
+
+        raise ConfigError("--float-modules: TFLite int8 is a full-integer graph (NPU-ready); it has no float modules")
     if opts.precision == "int8" and opts.qat is not None:
         import litert_torch
         from litert_torch.quantize.quant_config import QuantConfig
@@ -116,8 +178,8 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> litert_torch.convert", "weights": "int8 per-channel symmetric",
                       "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
     elif opts.precision == "int8":
-        step(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert")
-        quant.update(_convert_int8(model, x, calib, spec, out, opts.progress, opts.float_modules))
+        step(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert (full-integer)")
+        quant.update(_convert_int8(model, calib, spec, out, opts.progress))
     else:
         step(opts.progress, "litert_torch.convert")
         tmp = workdir / "fp32.tflite.tmp"
@@ -128,6 +190,13 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
             tmp.unlink()
     set_metadata(out, meta_min)
     quant.update(op_summary(out))
+    quant["io"] = io_quantization(out, spec.output_names)
+    quant["float_compute_ops"] = float_compute_ops(quant["ops"])
+    quant["full_integer"] = opts.precision == "int8" and not quant["float_compute_ops"]
+    if opts.precision == "int8" and opts.qat is None and quant["float_compute_ops"]:
+        from edge.errors import ConversionError
+
+        raise ConversionError(f"the int8 graph kept float compute ops: {quant['float_compute_ops']}")
     return Converted("model.tflite", quant, "TFLite metadata buffer 'retinaface_edge'")
 
 
@@ -166,10 +235,16 @@ def quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
     return x
 
 
-class TFLiteRunner:
-    """Runs a .tflite with NCHW float32 input; quantised inputs/outputs are (de)quantised here."""
+CANVAS_FORMAT = "bgr_pixels_nhwc"  # the input is the BGR canvas itself, normalised inside the model
 
-    def __init__(self, path: str | Path, output_names, threads: int | None = None, name: str = "tflite"):
+
+class TFLiteRunner:
+    """Runs a .tflite. `__call__` takes the (1, 3, H, W) float32 normalised tensor; quantised inputs and outputs are
+    (de)quantised here. A full-integer bundle's model takes the (1, H, W, 3) BGR canvas itself (`canvas_input`):
+    `run_image` hands it the uint8 canvas (as int8, pixel - 128: exact), and `__call__` turns the tensor back
+    into pixels (x * std + mean, rounded: exact for a canvas, the nearest integer pixel for a resized image)."""
+
+    def __init__(self, path: str | Path, output_names, threads: int | None = None, name: str = "tflite", mean=None, std=None):
         cls, runtime = _interpreter_class()
         self.interp = cls(model_path=str(path), num_threads=threads) if threads else cls(model_path=str(path))
         self.interp.allocate_tensors()
@@ -189,9 +264,34 @@ class TFLiteRunner:
         self.output_names = list(output_names)
         self.runtime = runtime
         self.name = f"{name} ({runtime})"
+        shape = self.inp["shape"]
+        self.canvas_input = len(shape) == 4 and shape[-1] == 3 and self.inp["dtype"] in (np.int8, np.uint8)
+        if self.canvas_input and tuple(self.inp["quantization"]) not in ((1.0, -128), (1.0, 0)):
+            from edge.errors import BundleError
+
+            raise BundleError(f"{Path(path).name}: a canvas input must have scale 1 (pixels as integers), got {self.inp['quantization']}")
+        from edge.contract import ModelSpec
+
+        self.mean = np.asarray(ModelSpec().mean if mean is None else mean, np.float32)
+        self.std = np.asarray(ModelSpec().std if std is None else std, np.float32)
+        if not self.canvas_input:
+            self.run_image = None  # the pipeline then hands over the normalised tensor
+
+    def run_image(self, canvas: np.ndarray) -> dict[str, np.ndarray]:
+        if canvas.ndim != 4 or canvas.shape[-1] != 3 or canvas.dtype != np.uint8:
+            raise ValueError(f"run_image takes a (1, H, W, 3) uint8 BGR canvas, got {canvas.dtype} {canvas.shape}")
+        if self.inp["dtype"] == np.int8:
+            canvas = (canvas ^ np.uint8(0x80)).view(np.int8)  # pixel - 128, exactly
+        return self._run(np.ascontiguousarray(canvas))
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        self.interp.set_tensor(self.inp["index"], quantize_input(x, self.inp))
+        if self.canvas_input:
+            pixels = np.rint(x[0].transpose(1, 2, 0) * self.std + self.mean)
+            return self.run_image(np.clip(pixels, 0, 255).astype(np.uint8)[None])
+        return self._run(quantize_input(x, self.inp))
+
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self.interp.set_tensor(self.inp["index"], x)
         self.interp.invoke()
         res = {}
         for name, o in zip(self.output_names, self.outs):
@@ -204,4 +304,6 @@ class TFLiteRunner:
 
 
 def load_runner(bundle_dir: Path, meta: dict, threads: int | None = None):
-    return TFLiteRunner(bundle_dir / meta["model_file"], meta["spec"]["output_names"], threads, name=f"tflite-{meta['precision']}")
+    spec = meta["spec"]
+    return TFLiteRunner(bundle_dir / meta["model_file"], spec["output_names"], threads, name=f"tflite-{meta['precision']}",
+                        mean=spec.get("mean"), std=spec.get("std"))

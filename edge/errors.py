@@ -29,3 +29,8 @@ class OutputError(EdgeError):
 
 class ImageWarning(UserWarning):
     """An image that loads but not whole (e.g. only the first frame of an animation or a multi-page TIFF)."""
+
+
+class ConversionError(EdgeError):
+    """A conversion that finished but whose result breaks a promise of its route (e.g. float ops left in an
+    int8 graph that is meant to be full-integer)."""

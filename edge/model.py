@@ -72,7 +72,29 @@ class MobileNetV1025(nn.Module):
         return c2, c3, c4, self.stage3(c4)
 
 
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling of (B, C, H, W): the FPN's top-down path."""
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def upsample2x_by_copies(x: torch.Tensor) -> torch.Tensor:
+    """The same values as `upsample2x`, bit for bit, made of concatenations and reshapes only. TFLite lowers
+    `upsample2x` to RESIZE_NEAREST_NEIGHBOR, which XNNPACK does not delegate (it splits the graph into
+    partitions); CONCATENATION and RESHAPE it runs, in float and int8 alike (one shared scale).
+
+    Written in NHWC (a permute first and last) and 4-D throughout: litert-torch 0.10's layout pass fails on a
+    5-D form, and on an NCHW reshape it keeps the FPN map NCHW, leaving the SSH convolutions that also read
+    it in float."""
+    n, c, h, w = x.shape
+    z = x.permute(0, 2, 3, 1).reshape(n * h, w, 1, c)
+    # never one tensor listed twice in a cat: PT2E's observer insertion mis-wires a repeated input (a clone instead)
+    y = torch.cat([z, z.clone()], dim=2).reshape(n * h, 1, 2 * w, c)  # each pixel twice along the row
+    return torch.cat([y, y.clone()], dim=1).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)  # each row twice
+
+
 class FPN(nn.Module):
+    upsample = staticmethod(upsample2x)  # integer_graph_form() swaps in upsample2x_by_copies
+
     def __init__(self, in_channels: tuple[int, int, int], out: int, slope: float):
         super().__init__()
         self.output1 = conv_bn(in_channels[0], out, kernel=1, slope=slope)
@@ -87,8 +109,8 @@ class FPN(nn.Module):
         o3 = self.output3(feats[2])
         # Inputs are multiples of 32, so every level is exactly twice the next one; a fixed
         # scale factor (not size=tensor.shape) keeps the graph static for every exporter.
-        o2 = self.merge2(o2 + F.interpolate(o3, scale_factor=2.0, mode="nearest"))
-        o1 = self.merge1(o1 + F.interpolate(o2, scale_factor=2.0, mode="nearest"))
+        o2 = self.merge2(o2 + self.upsample(o3))
+        o1 = self.merge1(o1 + self.upsample(o2))
         return o1, o2, o3
 
 
@@ -104,12 +126,18 @@ class FPN5(FPN):
 
     def forward(self, feats):
         o1, o2, o3 = super().forward(feats[1:])
-        o0 = self.merge0(self.output0(feats[0]) + F.interpolate(o1, scale_factor=2.0, mode="nearest"))
+        o0 = self.merge0(self.output0(feats[0]) + self.upsample(o1))
         return o0, o1, o2, o3, self.output4(feats[3])
 
 
 class SSH(nn.Module):
-    """Single Stage Headless context module: 3x3, 5x5 and 7x7 receptive fields, concatenated."""
+    """Single Stage Headless context module: 3x3, 5x5 and 7x7 receptive fields, concatenated, then ReLU.
+
+    `relu_each_branch` applies the ReLU to each branch before the concatenation instead: the same values
+    (ReLU is elementwise), but each ReLU then fuses into its convolution, where a ReLU after the
+    concatenation stays a separate op that XNNPACK does not delegate in int8."""
+
+    relu_each_branch = False
 
     def __init__(self, inp: int, out: int, slope: float):
         super().__init__()
@@ -126,6 +154,8 @@ class SSH(nn.Module):
         c5_1 = self.conv5X5_1(x)
         c5 = self.conv5X5_2(c5_1)
         c7 = self.conv7x7_3(self.conv7X7_2(c5_1))
+        if self.relu_each_branch:
+            return torch.cat([F.relu(c3), F.relu(c5), F.relu(c7)], dim=1)
         return F.relu(torch.cat([c3, c5, c7], dim=1))
 
 
@@ -213,3 +243,18 @@ class TupleOutputs(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(x)
         return tuple(out[n] for n in self.names)
+
+
+def integer_graph_form(model: RetinaFace) -> RetinaFace:
+    """A copy of `model` computing the same function, bit for bit, in the form whose int8 TFLite graph XNNPACK
+    runs as one partition: the FPN upsamples by copies (`upsample2x_by_copies`) and each SSH applies its ReLU
+    per branch. Parameters are copied; the original is untouched."""
+    import copy
+
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, FPN):
+            mod.upsample = upsample2x_by_copies
+        elif isinstance(mod, SSH):
+            mod.relu_each_branch = True
+    return m

@@ -5,9 +5,10 @@ network), int8 per-tensor activations from histogram observers over the calibrat
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from edge.model import TupleOutputs
+from edge.model import TupleOutputs, integer_graph_form
 
 
 # litert-torch's configs floor every scale at 2**-12. The first convolution sees raw pixels (mean subtracted,
@@ -64,21 +65,133 @@ def pt2e_quantizer(float_modules=(), qat: bool = False, per_channel: bool = True
     return Quantizer().set_global(quantization_config(per_channel, qat=qat))
 
 
-def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=()):
+def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=(), full_integer: bool = False):
     """-> (prepared-and-observed GraphModule, quantizer). Finish with `converted` (fold_quantize=False
-    for litert-torch, True for coremltools). float_modules stay float (see pt2e_quantizer)."""
+    for litert-torch, True for coremltools). float_modules stay float (see pt2e_quantizer).
+
+    full_integer: the graph of `CanvasInput(integer_graph_form(model))`, annotated by `full_integer_quantizer`:
+    its input is the (1, S, S, 3) BGR canvas (uint8 values as float32) and every op is int8 once converted."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from tqdm import tqdm
 
     size = spec.input_size
-    x = torch.zeros(1, 3, size, size)
-    gm = torch.export.export(TupleOutputs(model).eval(), (x,)).module()
-    quantizer = pt2e_quantizer(float_modules)
+    if full_integer:
+        if float_modules:
+            raise ValueError("a full-integer graph has no float modules")
+        net, x = CanvasInput(integer_graph_form(model), spec.mean, spec.std).eval(), torch.zeros(1, size, size, 3)
+        quantizer = full_integer_quantizer()
+        batches = (torch.from_numpy(c[None].astype(np.float32)) for c in calib.images)
+    else:
+        net, x = TupleOutputs(model).eval(), torch.zeros(1, 3, size, size)
+        quantizer = pt2e_quantizer(float_modules)
+        batches = (torch.from_numpy(t) for t in calib.tensors(spec))
+    gm = torch.export.export(net, (x,)).module()
     gm = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
-        for t in tqdm(list(calib.tensors(spec)), desc="calibrating", unit="img", disable=not progress):
-            gm(torch.from_numpy(t))
+        for t in tqdm(batches, total=len(calib), desc="calibrating", unit="img", disable=not progress):
+            gm(t)
     return gm, quantizer
+
+
+class CanvasInput(torch.nn.Module):
+    """The model behind its own input normalisation: (B, H, W, 3) BGR pixel values (0..255, float32 in PyTorch,
+    uint8 once converted) -> the model's outputs as a tuple in `spec.output_names` order.
+
+    The normalisation is a 3-channel depthwise 1x1 convolution, weight 1/std and bias -mean/std, so that in int8
+    it is exact: the input is quantised with scale 1 (a pixel is its own integer), the per-channel weight scale
+    makes each weight the integer 127, and the bias, -127 * mean, is an integer too; the accumulator holds
+    127 * (pixel - mean) exactly before the one requantisation any int8 input quantiser does."""
+
+    def __init__(self, model, mean, std):
+        super().__init__()
+        self.model = TupleOutputs(model)
+        self.norm = torch.nn.Conv2d(3, 3, 1, groups=3, bias=True)
+        with torch.no_grad():
+            self.norm.weight.copy_(torch.tensor([1.0 / float(s) for s in std]).view(3, 1, 1, 1))
+            self.norm.bias.copy_(torch.tensor([-float(m) / float(s) for m, s in zip(mean, std)]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model(self.norm(x.permute(0, 3, 1, 2)))
+
+
+# A uint8 pixel as int8: value = (q - zero_point) * scale = q + 128, every pixel exactly representable.
+PIXEL_QPARAMS = {"scale": 1.0, "zero_point": -128}
+# TFLite's int8 SOFTMAX requires this output quantisation (scale 1/256, zero point -128).
+SOFTMAX_QPARAMS = {"scale": 1.0 / 256, "zero_point": -128}
+# Ops that move or copy values without changing them: annotated to share their input's quantisation, so that
+# no requantisation sits between them and each consumer of a quantised tensor gets its own dequantise (a shared
+# one made litert-torch 0.10's layout pass leave two SSH convolutions in float beside the FPN's upsampling).
+_PASS_THROUGH = ("reshape.default", "view.default", "permute.default", "clone.default", "unsqueeze.default",
+                 "_unsafe_view.default")
+
+
+def full_integer_quantizer():
+    """litert-torch's PT2E quantizer (per-channel int8 weights, int8 activations) extended so that litert-torch
+    lowers every op of `CanvasInput(integer_graph_form(model))` to int8:
+
+    - LeakyReLU outputs are observed wherever they are (litert-torch annotates them only between convolutions),
+      so the FPN's LeakyReLUs that feed the upsampling and the additions are int8 too;
+    - additions, concatenations and the pass-through ops (reshape, permute, ...) are annotated; a concatenation's
+      inputs and output share one scale (none for copies of one tensor, which the FPN's upsampling is);
+    - the softmax output takes TFLite's fixed int8 quantisation (1/256, -128);
+    - the input is fixed at scale 1, zero point -128 (`PIXEL_QPARAMS`), shared through the NHWC -> NCHW permute
+      into the normalising convolution, so pixels enter the graph exactly."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+    from litert_torch.quantize.pt2e_quantizer_utils import get_input_act_qspec, get_output_act_qspec
+    from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec
+
+    cfg = quantization_config(True)
+    act_in, act_out = get_input_act_qspec(cfg), get_output_act_qspec(cfg)
+    aten = torch.ops.aten
+
+    def fixed(q):
+        return FixedQParamsQuantizationSpec(dtype=torch.int8, scale=q["scale"], zero_point=q["zero_point"], quant_min=-128,
+                                            quant_max=127, qscheme=torch.per_tensor_affine)
+
+    def ann(node):
+        a = node.meta.get("quantization_annotation")
+        return a if a is not None and a._annotated else None
+
+    def has_out(node):
+        return isinstance(node, torch.fx.Node) and ann(node) is not None and ann(node).output_qspec is not None
+
+    def annotate(node, inputs, output):
+        node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=inputs, output_qspec=output, _annotated=True)
+
+    def own_input(src):  # observe an input edge unless its producer's output already is
+        return {} if has_out(src) else {src: act_in}
+
+    passes = tuple(getattr(aten, name.split(".")[0]).default for name in _PASS_THROUGH)
+    leaky = (aten.leaky_relu.default, aten.leaky_relu_.default)
+    softmax = (aten.softmax.int, aten._softmax.default)
+
+    class FullInteger(PT2EQuantizer):
+        def annotate(self, model):
+            model = super().annotate(model)
+            g = model.graph
+            placeholder = next(n for n in g.nodes if n.op == "placeholder" and n.users)
+            permute = next(iter(placeholder.users))
+            annotate(permute, {placeholder: fixed(PIXEL_QPARAMS)}, SharedQuantizationSpec((placeholder, permute)))
+            norm = next(iter(permute.users))
+            ann(norm).input_qspec_map[permute] = SharedQuantizationSpec(permute)
+            for n in g.nodes:  # in graph order, so that chains of pass-through ops share along
+                if n.op != "call_function":
+                    continue
+                src = n.args[0] if n.args else None
+                if n.target in leaky and not has_out(n):
+                    annotate(n, own_input(src), act_out)
+                elif n.target in softmax:
+                    annotate(n, own_input(src), fixed(SOFTMAX_QPARAMS))
+                elif n.target == aten.add.Tensor and ann(n) is None:
+                    annotate(n, {a: act_in for a in n.args if isinstance(a, torch.fx.Node)}, act_out)
+                elif n.target in passes and ann(n) is None and has_out(src):
+                    annotate(n, {src: SharedQuantizationSpec(src)}, SharedQuantizationSpec((src, n)))
+                elif n.target == aten.cat.default and all(has_out(a) for a in n.args[0]):
+                    ins = list(n.args[0])
+                    annotate(n, {a: SharedQuantizationSpec(a) for a in ins}, SharedQuantizationSpec((ins[0], n)))
+            return model
+
+    return FullInteger().set_global(cfg)
 
 
 def converted(gm, fold_quantize: bool):

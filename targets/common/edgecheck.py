@@ -212,8 +212,14 @@ def greedy_match(ref_boxes, cand_boxes, thr):
 
 # --- the check ----------------------------------------------------------------------------------
 
+def takes_canvas(meta: dict) -> bool:
+    """Whether the bundle's model takes the (1, H, W, 3) uint8 BGR canvas (a full-integer TFLite bundle)."""
+    io = (meta.get("quantization") or {}).get("io") or {}
+    return (io.get("input") or {}).get("format") == "bgr_pixels_nhwc"
+
+
 def run_check(folder, runner) -> dict:
-    """Run `runner` (NCHW float32 -> dict of outputs) on the golden canvases; compare with the golden
+    """Run `runner` (NCHW float32, or the uint8 canvas where `takes_canvas` -> dict of outputs) on the golden canvases; compare with the golden
     detections under the bundle's gates. Returns the summary with "passed" and "failed"."""
     folder, meta, g = load_bundle(folder)
     spec, gates = meta["spec"], meta["gates"]
@@ -225,8 +231,12 @@ def run_check(folder, runner) -> dict:
     ref_n = cand_n = 0
     ious, serr, nme, mesh_nme, worst_abs = [], [], [], [], {}
     start = 0
+    canvas_input = takes_canvas(meta)
     for i, canvas in enumerate(g["canvases"]):
-        x = np.ascontiguousarray(((canvas.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None])
+        if canvas_input:  # the model normalises inside: it is given the uint8 canvas itself
+            x = np.ascontiguousarray(canvas[None])
+        else:
+            x = np.ascontiguousarray(((canvas.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None])
         out = {k: np.asarray(v, np.float32)[0] for k, v in runner(x).items()}
         for name in spec["output_names"]:
             d = float(np.abs(out[name][g["anchor_idx"][i]] - g[f"ref_{name}"][i]).max())

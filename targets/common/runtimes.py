@@ -9,7 +9,8 @@ import numpy as np
 
 
 def tflite(model_path: Path, output_names, threads: int | None = None):
-    """ai-edge-litert, else tflite-runtime, else tensorflow.lite. Returns (runner, runtime name)."""
+    """ai-edge-litert, else tflite-runtime, else tensorflow.lite. Returns (runner, runtime name). The runner
+    takes the NCHW float32 tensor, or, for a full-integer bundle, the (1, H, W, 3) uint8 BGR canvas."""
     try:
         from ai_edge_litert.interpreter import Interpreter
 
@@ -35,6 +36,12 @@ def tflite(model_path: Path, output_names, threads: int | None = None):
         outs = it.get_output_details()
 
     def run(x):
+        if x.dtype == np.uint8:  # a full-integer bundle's input: the (1, H, W, 3) BGR canvas itself
+            if inp["dtype"] == np.int8:
+                x = (x ^ np.uint8(0x80)).view(np.int8)  # pixel - 128 (scale 1, zero point -128), exactly
+            it.set_tensor(inp["index"], np.ascontiguousarray(x))
+            it.invoke()
+            return _outputs()
         x = np.ascontiguousarray(x, np.float32)
         if inp["dtype"] != np.float32:
             scale, zp = inp["quantization"]
@@ -42,6 +49,9 @@ def tflite(model_path: Path, output_names, threads: int | None = None):
             x = np.clip(np.round(x / scale) + zp, info.min, info.max).astype(inp["dtype"])
         it.set_tensor(inp["index"], x)
         it.invoke()
+        return _outputs()
+
+    def _outputs():
         res = {}
         for n, o in zip(output_names, outs):
             v = it.get_tensor(o["index"])
