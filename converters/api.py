@@ -130,6 +130,9 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     if calib is not None and precision != "int8":
         raise ConfigError(f"--calib is only used for int8, not {precision}")
     float_modules = tuple(float_modules or ())
+    if float_modules and target == "tflite" and precision == "int8":
+        raise ConfigError("--float-modules: TFLite int8 is a full-integer graph (NPU-ready), no module stays float; "
+                          f"--float-modules applies to {', '.join(FLOAT_MODULE_TARGETS)} int8")
     if float_modules and (precision != "int8" or target not in FLOAT_MODULE_TARGETS):
         raise ConfigError(f"--float-modules applies to the PT2E int8 routes ({', '.join(FLOAT_MODULE_TARGETS)}), "
                           f"not {target} {precision}")

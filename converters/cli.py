@@ -71,6 +71,9 @@ def main(argv=None) -> int:
         float_modules = tuple(n for n in args.float_modules.split(",") if n)
         for t in targets:  # refuse before any work
             capabilities(t).check(args.precision)
+            if float_modules and t == "tflite" and args.precision == "int8":
+                raise ConfigError("--float-modules: TFLite int8 is a full-integer graph (NPU-ready), no module stays float; "
+                                  f"--float-modules applies to {', '.join(FLOAT_MODULE_TARGETS)} int8")
             if float_modules and t not in FLOAT_MODULE_TARGETS:
                 raise ConfigError(f"--float-modules applies to {', '.join(FLOAT_MODULE_TARGETS)} int8, not {t}")
         if args.target == "all":  # --out is the parent folder

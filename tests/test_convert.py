@@ -12,6 +12,7 @@ import pytest
 
 from converters.api import convert
 from converters.bundle import load_bundle_runner, read_metadata
+from edge.contract import ModelSpec
 from edge.errors import BundleError, ConfigError
 from edge.image_io import load_image
 from edge.parity import detection_agreement
@@ -57,8 +58,10 @@ def test_int8_recall_of_fp32_faces_on_group(bundles, default_model, group_image,
     if target == "tflite":
         size = (bundle / "model.tflite").stat().st_size
         assert size <= 0.65e6, size  # the detector ~0.6 MB, the mesh head's three 1x1 convolutions ~20 KB
-        ops = meta["quantization"]["ops"]
-        assert ops.get("CONV_2D:int8", 0) >= 40 and ops.get("DEPTHWISE_CONV_2D:int8", 0) == 13
+        q = meta["quantization"]
+        ops = q["ops"]  # 46 convolutions, 13 depthwise + the normalising one, every op int8 (see test_full_integer)
+        assert ops.get("CONV_2D:int8->int8", 0) == 46 and ops.get("DEPTHWISE_CONV_2D:int8->int8", 0) == 14
+        assert q["full_integer"] and q["float_compute_ops"] == {}
     else:
         assert meta["quantization"]["conv_weight_types"].get("i8", 0) == 59  # 43 convs + 13 group convs + 3 mesh
 
@@ -144,28 +147,17 @@ def test_unsupported_combinations_refused_before_work(tmp_path):
         convert("onnx", "int8", float_modules=["body.stage1"], out=out)
     with pytest.raises(ConfigError, match="float-modules applies"):
         convert("tflite", "fp16", float_modules=["body.stage1"], out=out)
-    with pytest.raises(ConfigError, match="no module named 'body.stage9'"):
-        convert("tflite", "int8", float_modules=["body.stage9"], out=out)
+    with pytest.raises(ConfigError, match="TFLite int8 is a full-integer graph"):
+        convert("tflite", "int8", float_modules=["body.stage1"], out=out)
     assert not out.exists()
 
 
-def test_int8_with_float_modules(bundles, tmp_path):
-    """--float-modules body.stage1: the named layers stay float in the TFLite program (a dequantize before them, a
-    quantize after), the rest int8; the bundle says so, and every output tensor is closer to FP32 than the
-    all-int8 bundle's (the high-resolution layers are where int8 loses most)."""
-    pytest.importorskip("litert_torch")
-    from converters.bundle import read_metadata
+def test_float_modules_refused_for_a_full_integer_graph(capsys):
+    """TFLite int8 is full-integer: --float-modules is refused before any work, naming the reason."""
+    from converters import cli
 
-    res = convert("tflite", "int8", float_modules=["body.stage1"], out=tmp_path / "b", progress=False)
-    q = read_metadata(res.bundle)[1]["quantization"]
-    ops = q["ops"]
-    assert q["float_modules"] == ["body.stage1"] and res.parity["passed"]
-    all_int8 = read_metadata(bundles("tflite", "int8"))[1]["parity"]["tensors"]
-    for name, t in res.parity["tensors"].items():
-        assert t["snr_db"] > all_int8[name]["snr_db"], name
-    # body.stage1: 6 full convolutions and 5 depthwise ones; the other 40 + 8 stay int8
-    assert ops["CONV_2D:float32"] == 6 and ops["DEPTHWISE_CONV_2D:float32"] == 5
-    assert ops["CONV_2D:int8"] == 40 and ops["DEPTHWISE_CONV_2D:int8"] == 8
+    assert cli.main(["--target", "tflite", "--precision", "int8", "--float-modules", "body.stage1"]) == 2
+    assert "full-integer graph" in capsys.readouterr().err
 
 
 def test_cli_list_and_refusal(capsys):
@@ -262,3 +254,78 @@ def test_conversion_is_byte_identical(tmp_path, target):
 def test_coreml_says_why_it_is_not_byte_identical(bundles):
     meta = read_metadata(bundles("coreml", "fp16"))[1]
     assert meta["reproducibility"]["byte_identical"] is False and "Manifest.json" in meta["reproducibility"]["why"]
+
+
+def _flatbuffer_float_compute_ops(path):
+    """Read the .tflite flatbuffer itself (not the converter's op table): every operator whose input or output
+    tensor is floating point, except (de)quantise."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(bytearray(Path(path).read_bytes()), 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    floats = {schema.TensorType.FLOAT32, schema.TensorType.FLOAT16, schema.TensorType.FLOAT64}
+    found, count = [], 0
+    for g in m.subgraphs:
+        for op in g.operators:
+            code = m.operatorCodes[op.opcodeIndex]
+            name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?")
+            count += 1
+            if name in ("QUANTIZE", "DEQUANTIZE"):
+                continue
+            ids = [i for i in list(op.inputs) + list(op.outputs) if i >= 0]
+            if any(g.tensors[i].type in floats for i in ids):
+                found.append(name)
+    return found, count
+
+
+def test_tflite_int8_is_full_integer(bundles, tmp_path):
+    """Every op of the int8 graph is integer (read from the flatbuffer); the input is the uint8 canvas as int8
+    (scale 1, zero point -128) and the outputs int8 with their scales in the metadata; the check catches the
+    float ops of the fp32 graph."""
+    b = bundles("tflite", "int8")
+    found, count = _flatbuffer_float_compute_ops(b / "model.tflite")
+    assert count > 100 and found == []
+    fp32_found, _ = _flatbuffer_float_compute_ops(bundles("tflite", "fp32") / "model.tflite")
+    assert "CONV_2D" in fp32_found  # the check sees float ops where there are some
+    io = read_metadata(b)[1]["quantization"]["io"]
+    assert io["input"] == {"shape": [1, 640, 640, 3], "dtype": "int8", "layout": "NHWC", "scale": 1.0, "zero_point": -128,
+                           "format": "bgr_pixels_nhwc"}
+    assert set(io["outputs"]) == {"loc", "conf", "landmarks", "mesh"} and all(o["dtype"] == "int8" for o in io["outputs"].values())
+    assert io["outputs"]["conf"]["scale"] == 1 / 256 and io["outputs"]["conf"]["zero_point"] == -128
+
+
+def test_tflite_int8_normalises_the_canvas_exactly(bundles, shared):
+    """The normalisation inside the model (a depthwise 1x1 convolution) gives, bit for bit, the int8 tensor that
+    numpy's normalisation and the same input quantisation give; the canvas and tensor paths agree exactly."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from converters.tflite_target import TFLiteRunner
+    from edge.preprocess import prepare
+
+    b = bundles("tflite", "int8")
+    meta = read_metadata(b)[1]
+    spec = ModelSpec.from_dict(meta["spec"])
+    it = Interpreter(model_path=str(b / "model.tflite"), experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    details = it.get_tensor_details()
+    first = next(op for op in it._get_ops_details() if op["op_name"] == "DEPTHWISE_CONV_2D")
+    out = details[first["outputs"][0]]
+    assert list(out["shape"]) == [1, 640, 640, 3]
+    scale, zp = out["quantization"]
+    prep = prepare(load_image(shared / "images" / "group.jpg"), spec)
+    canvas = prep.canvas if prep.has_canvas else None
+    if canvas is None:  # a resized picture: take the letterboxed pixels rounded, as the runner would
+        canvas = np.clip(np.rint(prep.tensor[0].transpose(1, 2, 0) + np.asarray(spec.mean, np.float32)), 0, 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    for c in (canvas, rng.integers(0, 256, canvas.shape, dtype=np.uint8), np.zeros_like(canvas), np.full_like(canvas, 255)):
+        it.set_tensor(it.get_input_details()[0]["index"], (c[None] ^ np.uint8(0x80)).view(np.int8))
+        it.invoke()
+        got = it.get_tensor(out["index"])[0]
+        want = np.clip(np.rint((c.astype(np.float32) - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32) / scale) + zp, -128, 127)
+        np.testing.assert_array_equal(got, want.astype(np.int8))
+    r = TFLiteRunner(b / "model.tflite", spec.output_names, mean=spec.mean, std=spec.std)
+    assert r.canvas_input
+    x = np.ascontiguousarray(((canvas.astype(np.float32) - np.asarray(spec.mean, np.float32))).transpose(2, 0, 1)[None])
+    a, c2 = r(x), r.run_image(canvas[None])
+    for k in a:
+        np.testing.assert_array_equal(a[k], c2[k])
