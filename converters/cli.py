@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from converters.base import PRECISIONS
@@ -49,6 +50,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-parity-gate", action="store_true", help="exit 0 even when the bundle fails its parity gates")
     ap.add_argument("--list", action="store_true", help="print the targets table and exit")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="let the converters' own output through (litert-torch progress, "
+                    "TensorFlow and TFLite log lines, library warnings)")
     return ap
 
 
@@ -56,6 +59,11 @@ def main(argv=None) -> int:
     setup_process()
     ap = make_parser()
     args = ap.parse_args(argv)
+    if args.verbose:
+        from edge.quiet import set_verbose
+
+        set_verbose(True)
+        warnings.resetwarnings()
     if args.list:
         print(targets_table())
         return 0

@@ -21,6 +21,7 @@ import torch
 
 from converters.base import Capabilities, ConvertOptions, Converted, step
 from edge.model import TupleOutputs
+from edge.quiet import native_output_quiet
 
 CAPABILITIES = Capabilities(
     target="tflite",
@@ -41,7 +42,8 @@ METADATA_NAME = "retinaface_edge"
 def _convert_fp32(model, x: torch.Tensor, path: Path) -> None:
     import litert_torch
 
-    litert_torch.convert(TupleOutputs(model).eval(), (x,)).export(str(path))
+    with native_output_quiet():
+        litert_torch.convert(TupleOutputs(model).eval(), (x,)).export(str(path))
 
 
 def _convert_int8(model, calib, spec, path: Path, progress: bool) -> dict:
@@ -53,7 +55,9 @@ def _convert_int8(model, calib, spec, path: Path, progress: bool) -> dict:
     gm, quantizer = pt2e_calibrated(model, spec, calib, progress, full_integer=True)
     gm = converted(gm, fold_quantize=False)
     x = torch.zeros(1, spec.input_size, spec.input_size, 3)
-    litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+    with native_output_quiet():
+        litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+    uint8_input(path)
     return {"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (histogram observer)",
             "graph": "full-integer: BGR canvas in (NHWC, normalised inside the model), int8 out"}
 
@@ -97,11 +101,12 @@ def _convert_fp16(src: Path, dst: Path) -> None:
         "regex": ".*", "operation": "*", "algorithm_key": "float_casting",
         "op_config": {"weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT"}, "compute_precision": "FLOAT", "explicit_dequantize": True},
     }]
-    quantizer.Quantizer(str(src), recipe).quantize().export_model(str(dst), overwrite=True)
+    with native_output_quiet():
+        quantizer.Quantizer(str(src), recipe).quantize().export_model(str(dst), overwrite=True)
 
 
-def set_metadata(path: Path, meta_min: dict[str, str]) -> None:
-    """Store the minimal metadata as a named buffer in the flatbuffer's `metadata` list."""
+def _edit_flatbuffer(path: Path, edit) -> None:
+    """Load the .tflite as ai-edge-litert's object model, let `edit(model)` change it, pack it back in place."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
@@ -111,16 +116,74 @@ def set_metadata(path: Path, meta_min: dict[str, str]) -> None:
         if b.offset and b.offset > 1:
             b.data = np.frombuffer(buf[b.offset:b.offset + b.size], dtype=np.uint8)
             b.offset, b.size = 0, 0
-    b = schema.BufferT()
-    b.data = np.frombuffer(json.dumps(meta_min).encode(), dtype=np.uint8)
-    m.buffers.append(b)
-    md = schema.MetadataT()
-    md.name = METADATA_NAME
-    md.buffer = len(m.buffers) - 1
-    m.metadata = [e for e in (m.metadata or []) if e.name != METADATA_NAME.encode()] + [md]
+    edit(m)
     builder = flatbuffers.Builder(len(buf) + 4096)
     builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
     path.write_bytes(bytes(builder.Output()))
+
+
+def set_metadata(path: Path, meta_min: dict[str, str]) -> None:
+    """Store the minimal metadata as a named buffer in the flatbuffer's `metadata` list."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    def edit(m):
+        b = schema.BufferT()
+        b.data = np.frombuffer(json.dumps(meta_min).encode(), dtype=np.uint8)
+        m.buffers.append(b)
+        md = schema.MetadataT()
+        md.name = METADATA_NAME
+        md.buffer = len(m.buffers) - 1
+        m.metadata = [e for e in (m.metadata or []) if e.name != METADATA_NAME.encode()] + [md]
+
+    _edit_flatbuffer(path, edit)
+
+
+def uint8_input(path: Path) -> None:
+    """Give a full-integer graph a uint8 input: the canvas as it is (scale 1, zero point 0), turned into the int8
+    pixel - 128 that the graph starts from by one QUANTIZE op put first (what TensorFlow's converter does for
+    `inference_input_type=tf.uint8`). Exact: the same scale on both sides, the zero points 128 apart."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    def edit(m):
+        g = m.subgraphs[0]
+        (old,) = g.inputs
+        t = g.tensors[old]
+        q = t.quantization
+        if t.type != schema.TensorType.INT8 or list(q.scale) != [1.0] or list(q.zeroPoint) != [-128]:
+            raise ValueError(f"uint8_input: the graph's input is not the int8 pixel - 128 (type {t.type}, {q.scale}, {q.zeroPoint})")
+        new = schema.TensorT()
+        new.name = b"canvas_uint8"
+        new.shape = np.array(t.shape, dtype=np.int32)
+        new.type = schema.TensorType.UINT8
+        new.buffer = 0  # buffer 0 is the empty one by convention
+        new.quantization = schema.QuantizationParametersT()
+        new.quantization.scale = np.array([1.0], np.float32)
+        new.quantization.zeroPoint = np.array([0], np.int64)
+        g.tensors.append(new)
+        idx = len(g.tensors) - 1
+        codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in m.operatorCodes]
+        if schema.BuiltinOperator.QUANTIZE in codes:
+            opcode = codes.index(schema.BuiltinOperator.QUANTIZE)
+        else:
+            c = schema.OperatorCodeT()
+            c.builtinCode = c.deprecatedBuiltinCode = schema.BuiltinOperator.QUANTIZE
+            c.version = 2
+            m.operatorCodes.append(c)
+            opcode = len(m.operatorCodes) - 1
+        op = schema.OperatorT()
+        op.opcodeIndex = opcode
+        op.inputs = np.array([idx], np.int32)
+        op.outputs = np.array([old], np.int32)
+        op.builtinOptionsType = schema.BuiltinOptions.QuantizeOptions
+        op.builtinOptions = schema.QuantizeOptionsT()
+        g.operators.insert(0, op)
+        g.inputs = np.array([idx], np.int32)
+        for sig in m.signatureDefs or []:
+            for tm in sig.inputs:
+                if tm.tensorIndex == old:
+                    tm.tensorIndex = idx
+
+    _edit_flatbuffer(path, edit)
 
 
 def read_metadata(path: Path) -> dict | None:
@@ -161,7 +224,16 @@ def op_summary(path: Path) -> dict:
     return {"ops": op_table(path)}
 
 
+def _import_quietly() -> None:
+    """Import the converter stack with its native start-up notices held back (absl's "All log messages before
+    absl::InitializeLog()", TensorFlow's oneDNN notice: printed on import, whatever TF_CPP_MIN_LOG_LEVEL says)."""
+    with native_output_quiet():
+        import litert_torch  # noqa: F401
+        from litert_torch.quantize import pt2e_quantizer  # noqa: F401
+
+
 def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: dict[str, str]) -> Converted:
+    _import_quietly()
     out = workdir / "model.tflite"
     x = torch.zeros(1, 3, opts.input_size, opts.input_size)
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
@@ -174,7 +246,8 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         from litert_torch.quantize.quant_config import QuantConfig
 
         step(opts.progress, "the QAT program (trained ranges, no calibration), then litert_torch.convert")
-        litert_torch.convert(opts.qat.finalize(), (x,), quant_config=QuantConfig(pt2e_quantizer=opts.qat.quantizer)).export(str(out))
+        with native_output_quiet():
+            litert_torch.convert(opts.qat.finalize(), (x,), quant_config=QuantConfig(pt2e_quantizer=opts.qat.quantizer)).export(str(out))
         quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> litert_torch.convert", "weights": "int8 per-channel symmetric",
                       "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
     elif opts.precision == "int8":
@@ -246,8 +319,9 @@ class TFLiteRunner:
 
     def __init__(self, path: str | Path, output_names, threads: int | None = None, name: str = "tflite", mean=None, std=None):
         cls, runtime = _interpreter_class()
-        self.interp = cls(model_path=str(path), num_threads=threads) if threads else cls(model_path=str(path))
-        self.interp.allocate_tensors()
+        with native_output_quiet(litert=False):  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            self.interp = cls(model_path=str(path), num_threads=threads) if threads else cls(model_path=str(path))
+            self.interp.allocate_tensors()
         self.inp = self.interp.get_input_details()[0]
         sig = self.interp.get_signature_list()
         if sig:
@@ -274,6 +348,7 @@ class TFLiteRunner:
 
         self.mean = np.asarray(ModelSpec().mean if mean is None else mean, np.float32)
         self.std = np.asarray(ModelSpec().std if std is None else std, np.float32)
+        self.takes_pixels = self.canvas_input  # the pipeline hands over a rounded canvas for a resized image too
         if not self.canvas_input:
             self.run_image = None  # the pipeline then hands over the normalised tensor
 

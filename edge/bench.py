@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.quiet import native_output_quiet
 
 # Pause before each candidate's block of runs. Five OpenVINO, TFLite and onnxruntime bundles in one run, 2 threads,
 # 640x640: without it every row came out 10-30 % slower than with it (OpenVINO FP32 9.8 against 7.1 ms, onnxruntime
@@ -98,7 +99,8 @@ def _peak_tflite(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> floa
         lin = torch.nn.Linear(n, n, bias=False).eval()
         x = torch.randn(n, n)
         if dtype == "fp32":
-            em = litert_torch.convert(lin, (x,))
+            with native_output_quiet():
+                em = litert_torch.convert(lin, (x,))
         else:
             from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
             from litert_torch.quantize.quant_config import QuantConfig
@@ -109,9 +111,11 @@ def _peak_tflite(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> floa
             gm(x)
             gm = convert_pt2e(gm, fold_quantize=False)
             gm.training = False
-            em = litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=q))
+            with native_output_quiet():
+                em = litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=q))
         tmp = path.with_suffix(".partial")
-        em.export(str(tmp))
+        with native_output_quiet():
+            em.export(str(tmp))
         tmp.replace(path)
     r = TFLiteRunner(path, ["y"], threads)
     x = np.random.rand(n, n).astype(np.float32)

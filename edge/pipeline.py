@@ -48,7 +48,10 @@ class Pipeline:
         """The input in the form this pipeline's runner takes (canvas or tensor), built here, not in `infer`."""
         img = load_image(image) if isinstance(image, (str, Path)) else check_image_array(image)
         prep = prepare(img, self.spec)
-        _ = prep.canvas if _takes_canvas(self.runner, prep) else prep.tensor  # built now: timed as pre-processing
+        if _takes_canvas(self.runner, prep):  # built now: timed as pre-processing
+            _ = prep.canvas if prep.has_canvas else prep.pixel_canvas
+        else:
+            _ = prep.tensor
         return prep
 
     def postprocess(self, outputs: Outputs, prep: Prepared, batch_index: int = 0) -> Detections:
@@ -79,11 +82,15 @@ class Pipeline:
 
 
 def run_prepared(runner: Runner, prep: Prepared) -> Outputs:
-    """The runner on one prepared input: the canvas where the runner normalises inside its model, else the tensor."""
+    """The runner on one prepared input: the canvas where the runner normalises inside its model, else the tensor.
+    A runner whose model takes integer pixels (`takes_pixels`) always gets a canvas, rounded where the image was
+    resized (`Prepared.pixel_canvas`)."""
     if _takes_canvas(runner, prep):
-        return runner.run_image(prep.canvas[None])
+        return runner.run_image((prep.canvas if prep.has_canvas else prep.pixel_canvas)[None])
     return runner(prep.tensor)
 
 
 def _takes_canvas(runner: Runner, prep: Prepared) -> bool:
-    return getattr(runner, "run_image", None) is not None and prep.has_canvas
+    if getattr(runner, "run_image", None) is None:
+        return False
+    return prep.has_canvas or (getattr(runner, "takes_pixels", False) and prep.has_image)

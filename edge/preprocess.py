@@ -63,9 +63,26 @@ class Prepared:
         return self._tensor
 
     @property
+    def has_image(self) -> bool:
+        """Whether the resized image is kept (not only a tensor): what `pixel_canvas` is made from."""
+        return self._resized is not None
+
+    @property
     def has_canvas(self) -> bool:
         return (self._resized is not None and self._resized.dtype == np.uint8
                 and all(float(m).is_integer() and 0 <= m <= 255 for m in self._mean))
+
+    @property
+    def pixel_canvas(self) -> np.ndarray:
+        """(H, W, 3) uint8 BGR canvas for a model whose input is integer pixels (a full-integer TFLite graph): the
+        exact `canvas` where there is one, else the resized image rounded to the nearest integer pixel (what a
+        uint8 resize gives) on the mean colour."""
+        if self.has_canvas:
+            return self.canvas
+        if self._resized is None:
+            raise ValueError("no image behind this input (given as a tensor)")
+        rounded = np.clip(np.rint(self._resized), 0, 255).astype(np.uint8)
+        return _canvas(rounded, self._canvas_hw, np.clip(np.rint(np.asarray(self._mean, np.float64)), 0, 255))
 
     @property
     def canvas(self) -> np.ndarray:

@@ -279,16 +279,16 @@ def _flatbuffer_float_compute_ops(path):
 
 
 def test_tflite_int8_is_full_integer(bundles, tmp_path):
-    """Every op of the int8 graph is integer (read from the flatbuffer); the input is the uint8 canvas as int8
-    (scale 1, zero point -128) and the outputs int8 with their scales in the metadata; the check catches the
-    float ops of the fp32 graph."""
+    """Every op of the int8 graph is integer (read from the flatbuffer); the input is the uint8 canvas (scale 1,
+    zero point 0) and the outputs int8 with their scales in the metadata; the check catches the float ops of the
+    fp32 graph."""
     b = bundles("tflite", "int8")
     found, count = _flatbuffer_float_compute_ops(b / "model.tflite")
     assert count > 100 and found == []
     fp32_found, _ = _flatbuffer_float_compute_ops(bundles("tflite", "fp32") / "model.tflite")
     assert "CONV_2D" in fp32_found  # the check sees float ops where there are some
     io = read_metadata(b)[1]["quantization"]["io"]
-    assert io["input"] == {"shape": [1, 640, 640, 3], "dtype": "int8", "layout": "NHWC", "scale": 1.0, "zero_point": -128,
+    assert io["input"] == {"shape": [1, 640, 640, 3], "dtype": "uint8", "layout": "NHWC", "scale": 1.0, "zero_point": 0,
                            "format": "bgr_pixels_nhwc"}
     assert set(io["outputs"]) == {"loc", "conf", "landmarks", "mesh"} and all(o["dtype"] == "int8" for o in io["outputs"].values())
     assert io["outputs"]["conf"]["scale"] == 1 / 256 and io["outputs"]["conf"]["zero_point"] == -128
@@ -318,7 +318,7 @@ def test_tflite_int8_normalises_the_canvas_exactly(bundles, shared):
         canvas = np.clip(np.rint(prep.tensor[0].transpose(1, 2, 0) + np.asarray(spec.mean, np.float32)), 0, 255).astype(np.uint8)
     rng = np.random.default_rng(0)
     for c in (canvas, rng.integers(0, 256, canvas.shape, dtype=np.uint8), np.zeros_like(canvas), np.full_like(canvas, 255)):
-        it.set_tensor(it.get_input_details()[0]["index"], (c[None] ^ np.uint8(0x80)).view(np.int8))
+        it.set_tensor(it.get_input_details()[0]["index"], np.ascontiguousarray(c[None]))  # the uint8 canvas as it is
         it.invoke()
         got = it.get_tensor(out["index"])[0]
         want = np.clip(np.rint((c.astype(np.float32) - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32) / scale) + zp, -128, 127)
@@ -329,3 +329,14 @@ def test_tflite_int8_normalises_the_canvas_exactly(bundles, shared):
     a, c2 = r(x), r.run_image(canvas[None])
     for k in a:
         np.testing.assert_array_equal(a[k], c2[k])
+
+
+def test_conversion_prints_our_steps_only(tmp_path):
+    """No litert-torch [START]/[DONE] lines, absl/oneDNN notices, library prints or FutureWarnings unless --verbose."""
+    r = subprocess.run([sys.executable, "-m", "converters.cli", "--target", "tflite", "--precision", "fp16", "--out", str(tmp_path / "b")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = r.stdout + r.stderr
+    for noise in ("[START]", "[DONE]", "absl::InitializeLog", "oneDNN", "Total time", "FutureWarning", "XNNPACK delegate"):
+        assert noise not in text, (noise, text[-3000:])
+    assert "edge-convert: tflite fp16" in r.stderr and "passed" in r.stdout
