@@ -36,9 +36,10 @@ def main(out_dir: str = "demo_out") -> int:
         p = folder / name
         print(f"  {name:<16} {p.stat().st_size / 1e6:6.2f} MB")
     q = meta["quantization"]
-    int8_ops = {k: v for k, v in q["ops"].items() if k.endswith(":int8") and "CONV" in k}
+    int8_ops = {k.split(":")[0]: v for k, v in q["ops"].items() if k.endswith("->int8") and "CONV" in k}
     print(f"  precision {meta['precision']}: {q['route']}")
-    print(f"  int8 convolutions: {int8_ops}; float ops kept: {[k for k in q['ops'] if k.endswith(':float32')]}")
+    print(f"  int8 convolutions: {int8_ops}; float compute ops: {q.get('float_compute_ops', {}) or 'none'} "
+          f"({sum(q['ops'].values())} ops, input {q['io']['input']['dtype']} {q['io']['input']['layout']})")
     print(f"  calibration: {meta['calibration']['count']} images, {meta['calibration']['source']}")
     print(f"  weights: {meta['weights']['name']} ({meta['weights']['arch']}), sha256 {meta['weights']['sha256'][:16]}...")
     par = meta["parity"]
