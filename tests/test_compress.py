@@ -195,7 +195,9 @@ def test_qat_run_converts_for_every_target(shared, tmp_path):
         assert q["qat"]["steps"] == 3, target
         bundles[target] = res.bundle
         if target == "tflite":
-            assert q["ops"].get("CONV_2D:int8", 0) >= 40 and q["ops"].get("DEPTHWISE_CONV_2D:int8", 0) == 13
+            # the QAT program still converts to the hybrid graph (NCHW float input): convolutions int8, not full-integer
+            assert q["ops"].get("CONV_2D:int8->int8", 0) >= 40 and q["ops"].get("DEPTHWISE_CONV_2D:int8->int8", 0) == 13
+            assert q["full_integer"] is False
         elif target == "openvino":
             assert q["conv_weight_types"].get("i8", 0) == 59
         elif target == "onnx":
@@ -393,7 +395,7 @@ def test_compress_qat_learnt_ranges_run(shared, tmp_path):
     assert q.float_modules == ("body.stage1",)
     res = convert("tflite", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "tfl", progress=False)
     ops = read_metadata(res.bundle)[1]["quantization"]["ops"]
-    assert ops["CONV_2D:float32"] == 6 and ops["DEPTHWISE_CONV_2D:float32"] == 5  # body.stage1 stayed float
+    assert ops["CONV_2D:float32->float32"] == 6 and ops["DEPTHWISE_CONV_2D:float32->float32"] == 5  # body.stage1 stayed float
     res = convert("onnx", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "onnx", progress=False)
     rewritten = read_metadata(res.bundle)[1]["quantization"]["rewritten"]
     assert rewritten["weights"] == rewritten["biases"] == 59 - 11 and res.parity["recall"] is not None
