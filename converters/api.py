@@ -105,6 +105,18 @@ def path_bytes(p: Path) -> int:
     return p.stat().st_size if p.is_file() else 0
 
 
+def check_float_modules(target: str, precision: str, float_modules) -> None:
+    """--float-modules only where a PT2E int8 program can leave modules float; never for TFLite's full-integer graph."""
+    if not float_modules:
+        return
+    if target == "tflite" and precision == "int8":
+        raise ConfigError("--float-modules: TFLite int8 is a full-integer graph (NPU-ready), no module stays float; "
+                          f"--float-modules applies to {', '.join(FLOAT_MODULE_TARGETS)} int8")
+    if precision != "int8" or target not in FLOAT_MODULE_TARGETS:
+        raise ConfigError(f"--float-modules applies to the PT2E int8 routes ({', '.join(FLOAT_MODULE_TARGETS)}), "
+                          f"not {target} {precision}")
+
+
 def default_out(target: str, precision: str, size: int) -> Path:
     return Path("bundles") / f"retinaface-{target}-{precision}-{size}"
 
@@ -130,12 +142,7 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     if calib is not None and precision != "int8":
         raise ConfigError(f"--calib is only used for int8, not {precision}")
     float_modules = tuple(float_modules or ())
-    if float_modules and target == "tflite" and precision == "int8":
-        raise ConfigError("--float-modules: TFLite int8 is a full-integer graph (NPU-ready), no module stays float; "
-                          f"--float-modules applies to {', '.join(FLOAT_MODULE_TARGETS)} int8")
-    if float_modules and (precision != "int8" or target not in FLOAT_MODULE_TARGETS):
-        raise ConfigError(f"--float-modules applies to the PT2E int8 routes ({', '.join(FLOAT_MODULE_TARGETS)}), "
-                          f"not {target} {precision}")
+    check_float_modules(target, precision, float_modules)
     out = Path(out) if out else default_out(target, precision, input_size)
     replaced = check_destination(out)  # before any work: never a file or a folder that is not one of our bundles
     t0 = time.perf_counter()

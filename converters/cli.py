@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         return 0
     if not args.target:
         ap.error("--target is required (or --list)")
-    from converters.api import FLOAT_MODULE_TARGETS, convert, default_out
+    from converters.api import check_float_modules, convert, default_out
 
     results = []
     try:
@@ -79,11 +79,7 @@ def main(argv=None) -> int:
         float_modules = tuple(n for n in args.float_modules.split(",") if n)
         for t in targets:  # refuse before any work
             capabilities(t).check(args.precision)
-            if float_modules and t == "tflite" and args.precision == "int8":
-                raise ConfigError("--float-modules: TFLite int8 is a full-integer graph (NPU-ready), no module stays float; "
-                                  f"--float-modules applies to {', '.join(FLOAT_MODULE_TARGETS)} int8")
-            if float_modules and t not in FLOAT_MODULE_TARGETS:
-                raise ConfigError(f"--float-modules applies to {', '.join(FLOAT_MODULE_TARGETS)} int8, not {t}")
+            check_float_modules(t, args.precision, float_modules)
         if args.target == "all":  # --out is the parent folder
             outs = {t: Path(args.out or "bundles") / default_out(t, args.precision, args.input_size).name for t in targets}
         else:

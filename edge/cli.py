@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from edge.atomic import Terminated, atomic_file, terminate_cleanly
+from edge.atomic import Terminated, atomic_file, terminate_cleanly, write_json
 from edge.contract import MAX_INPUT_SIZE
 from edge.errors import ConfigError, EdgeError, ImageError, ImageWarning, OutputError
 from edge.outputs import IMAGE_SUFFIXES, check_output_file, check_output_folder, display, distinct_names
@@ -155,8 +154,7 @@ def cmd_detect(args) -> int:
             _save_image(draw_detections(img, [(det, (0, 255, 0))]), draws[i])
             print(f"  drawn: {display(draws[i])}", file=sys.stderr)
     if args.json:
-        with atomic_file(args.json) as tmp:
-            Path(tmp).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+        write_json(args.json, results[0] if len(results) == 1 else results)
     if failures and len(args.images) > 1:
         print(f"error: {len(failures)} of {len(args.images)} images failed: {', '.join(failures)}"[:2000], file=sys.stderr)
     return 2 if failures else 0
