@@ -38,3 +38,35 @@ def draw_detections(image_bgr: np.ndarray, dets: list[tuple[Detections, tuple[in
             if scores and x2 - x1 >= 24:
                 d.text((x1, max(0, y1 - 11)), f"{det.scores[i]:.2f}", fill=colour)
     return img
+
+
+def moved(det: Detections, offset_xy: tuple[float, float], scale: float) -> Detections:
+    """Detections in the pixels of a crop starting at offset_xy and resized by scale."""
+    off = np.asarray(offset_xy, np.float32)
+    mesh = None
+    if det.mesh is not None:
+        mesh = det.mesh.copy()
+        mesh[..., :2] = (mesh[..., :2] - off) * scale
+        mesh[..., 2] *= scale
+    return Detections((det.boxes - np.concatenate([off, off])) * scale, det.scores, (det.landmarks - off) * scale, mesh, det.anchors)
+
+
+def face_crop(image_bgr: np.ndarray, box, faces: list[tuple[Detections, tuple[int, int, int]]], size: int = 224, margin: float = 0.35):
+    """A square crop around `box` (x1, y1, x2, y2), `margin` of its size on each side, resized to size x size, with
+    `faces` (each one face, as Detections of length 1, and its RGB colour) drawn on it: box, landmarks and mesh,
+    which are legible at this scale. Returns a PIL RGB image."""
+    from PIL import Image
+
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    x0, y0 = int(np.floor(cx - side / 2)), int(np.floor(cy - side / 2))
+    n = max(1, int(np.ceil(side)))
+    h, w = image_bgr.shape[:2]
+    canvas = np.zeros((n, n, 3), np.uint8)  # outside the image: black
+    sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(w, x0 + n), min(h, y0 + n)
+    if sx1 > sx0 and sy1 > sy0:
+        canvas[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image_bgr[sy0:sy1, sx0:sx1]
+    big = np.asarray(Image.fromarray(canvas).resize((size, size), Image.BICUBIC))
+    k = size / n
+    return draw_detections(big, [(moved(d, (x0, y0), k), c) for d, c in faces], scores=False)

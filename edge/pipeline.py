@@ -1,7 +1,7 @@
 """One pipeline: numpy pre-processing -> any runner -> numpy post-processing."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +9,7 @@ import numpy as np
 from edge.anchors import priors
 from edge.contract import ModelSpec
 from edge.image_io import check_image_array, load_image
-from edge.postprocess import Detections, decode_detections, rescale
+from edge.postprocess import Detections, decode_at, decode_detections, rescale
 from edge.preprocess import Prepared, prepare
 from edge.runners import Outputs, Runner
 
@@ -67,6 +67,13 @@ class Pipeline:
             keep_top_k=self.post.keep_top_k,
             mesh_decoder=self.mesh_decoder,
         )
+        return rescale(det, prep.scale, prep.pad, prep.image_hw)
+
+    def faces_at(self, outputs: Outputs, prep: Prepared, anchors: np.ndarray, batch_index: int = 0) -> Detections:
+        """The faces these outputs give at the given anchors (no threshold, no NMS), in original pixels."""
+        one = {k: v[batch_index] for k, v in outputs.items()}
+        det = decode_at(one, self.priors_for(prep.input_hw), anchors, prep.input_hw, variances=self.spec.variances,
+                        mesh_decoder=self.mesh_decoder)
         return rescale(det, prep.scale, prep.pad, prep.image_hw)
 
     def infer(self, prep: Prepared) -> Outputs:

@@ -19,18 +19,21 @@ class Detections:
     boxes (N, 4) float32 x1, y1, x2, y2 in pixels; scores (N,) float32 in [0, 1];
     landmarks (N, 5, 2) float32 pixels (right eye, left eye, nose, right and left mouth corner);
     mesh (N, V, 3) float32 (x, y in pixels, z in the same scale) or None.
+    anchors (N,) int64: the index of the anchor each face was decoded from, where known (our decoder sets it).
     """
 
     boxes: np.ndarray
     scores: np.ndarray
     landmarks: np.ndarray
     mesh: np.ndarray | None = None
+    anchors: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
-    def take(self, idx) -> "Detections":
-        return Detections(self.boxes[idx], self.scores[idx], self.landmarks[idx], None if self.mesh is None else self.mesh[idx])
+    def take(self, idx) -> Detections:
+        return Detections(self.boxes[idx], self.scores[idx], self.landmarks[idx], None if self.mesh is None else self.mesh[idx],
+                          None if self.anchors is None else self.anchors[idx])
 
     def to_json(self) -> list[dict]:
         faces = []
@@ -50,7 +53,7 @@ class Detections:
         return faces
 
     @staticmethod
-    def empty(mesh_vertices: int = 0) -> "Detections":
+    def empty(mesh_vertices: int = 0) -> Detections:
         return Detections(
             np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0, 5, 2), np.float32),
             np.zeros((0, mesh_vertices, 3), np.float32) if mesh_vertices else None,
@@ -99,6 +102,16 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_keep: i
     return np.asarray(keep, dtype=np.int64)
 
 
+def final_stage(outputs: dict[str, np.ndarray], pri: np.ndarray, variances) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(outputs, priors) of the stage faces are decoded from: a cascade's second stage is encoded against the
+    first stage's boxes, which become its priors."""
+    if "loc2" not in outputs:
+        return outputs, pri
+    b1 = decode_boxes(outputs["loc"], pri, variances)
+    pri = np.concatenate([(b1[:, :2] + b1[:, 2:]) / 2, b1[:, 2:] - b1[:, :2]], axis=1)
+    return {**outputs, "loc": outputs["loc2"], "conf": outputs["conf2"], "landmarks": outputs["landmarks2"]}, pri
+
+
 def decode_detections(
     outputs: dict[str, np.ndarray],
     pri: np.ndarray,
@@ -117,21 +130,27 @@ def decode_detections(
     decode, NMS, then at most keep_top_k faces.
     """
     h, w = input_hw
-    if "loc2" in outputs:  # cascade: the second stage is encoded against the first stage's boxes
-        b1 = decode_boxes(outputs["loc"], pri, variances)
-        pri = np.concatenate([(b1[:, :2] + b1[:, 2:]) / 2, b1[:, 2:] - b1[:, :2]], axis=1)
-        outputs = {**outputs, "loc": outputs["loc2"], "conf": outputs["conf2"], "landmarks": outputs["landmarks2"]}
+    outputs, pri = final_stage(outputs, pri, variances)
     scores = outputs["conf"][:, 1].astype(np.float32)
     idx = np.nonzero(scores > score_threshold)[0]
     idx = idx[np.argsort(-scores[idx], kind="stable")][:top_k]
+    boxes = decode_boxes(outputs["loc"][idx], pri[idx], variances) * np.array([w, h, w, h], np.float32)
+    keep = nms(boxes.astype(np.float32), scores[idx], nms_threshold, max_keep=keep_top_k)
+    return decode_at(outputs, pri, idx[keep], input_hw, variances=variances, mesh_decoder=mesh_decoder)
+
+
+def decode_at(outputs: dict[str, np.ndarray], pri: np.ndarray, idx: np.ndarray, input_hw: tuple[int, int], *,
+              variances=(0.1, 0.2), mesh_decoder: tuple[np.ndarray, np.ndarray] | None = None) -> Detections:
+    """The faces that raw outputs of one image (each (A, C)) give at the anchors `idx`, in that order, in input
+    pixels: no threshold, no NMS. (The parity harness decodes the reference at the candidate's anchors with it.)"""
+    h, w = input_hw
+    outputs, pri = final_stage(outputs, pri, variances)
+    idx = np.asarray(idx, np.int64)
     p = pri[idx]
     boxes = decode_boxes(outputs["loc"][idx], p, variances) * np.array([w, h, w, h], np.float32)
     lms = decode_points(outputs["landmarks"][idx], p, variances) * np.array([w, h], np.float32)
-    det = Detections(boxes.astype(np.float32), scores[idx], lms.astype(np.float32))
-    keep = nms(det.boxes, det.scores, nms_threshold, max_keep=keep_top_k)
-    det = det.take(keep)
-    if "mesh" in outputs:  # decoded for the kept faces only
-        idx, p = idx[keep], p[keep]
+    det = Detections(boxes.astype(np.float32), outputs["conf"][idx, 1].astype(np.float32), lms.astype(np.float32), anchors=idx)
+    if "mesh" in outputs:
         raw = outputs["mesh"][idx].astype(np.float32)
         if mesh_decoder is not None:  # low-rank head: (mean (3V,), basis (K, 3V)) decode the per-anchor code
             raw = mesh_decoder[0] + raw @ mesh_decoder[1]
@@ -160,4 +179,4 @@ def rescale(det: Detections, scale: float, pad_xy: tuple[float, float], image_hw
         mesh = det.mesh.copy()
         mesh[..., :2] = (mesh[..., :2] - off) / scale
         mesh[..., 2] /= scale
-    return Detections(boxes.astype(np.float32), det.scores, lms.astype(np.float32), mesh)
+    return Detections(boxes.astype(np.float32), det.scores, lms.astype(np.float32), mesh, det.anchors)

@@ -41,9 +41,69 @@ def test_report_written(bundles, tmp_path, capsys):
     assert rc == 0
     rep = tmp_path / "rep"
     md = (rep / "report.md").read_text()
-    assert "PASSED" in md and "| recall |" in md and "errors.png" in md
+    assert "PASSED" in md and "| recall |" in md and "errors.png" in md and "worst_faces.png" in md
     pngs = sorted(p.name for p in rep.glob("*.png"))
-    assert "errors.png" in pngs and sum(p.startswith("worst_") for p in pngs) == 3
+    assert "errors.png" in pngs and sum(p.startswith("worst_") and p != "worst_faces.png" for p in pngs) == 3
+    from PIL import Image
+
+    grid = Image.open(rep / "worst_faces.png")  # reference and candidate crops side by side, one row per face
+    assert grid.width == 2 * 224 + 3 * 6 and grid.height > 224
+
+
+def _one_face_outputs(scores, mesh_codes, pri):
+    """Raw outputs of one image where anchors 0 and 1 both see the same face (the same box, landmarks at the
+    priors' centres) with the given scores and per-anchor mesh vertices (V=4, raw codes)."""
+    a = len(pri)
+    conf = np.zeros((a, 2), np.float32)
+    conf[:, 0] = 1.0
+    conf[:2, 1], conf[:2, 0] = scores, 1 - np.asarray(scores)
+    loc = np.zeros((a, 4), np.float32)
+    loc[1, :2] = (pri[0, :2] - pri[1, :2]) / (0.1 * pri[1, 2:])  # anchor 1 decodes to anchor 0's box
+    loc[1, 2:] = np.log(pri[0, 2:] / pri[1, 2:]) / 0.2
+    return {"loc": loc, "conf": conf, "landmarks": np.zeros((a, 10), np.float32), "mesh": np.asarray(mesh_codes, np.float32)}
+
+
+def test_anchor_switch_is_counted_and_errors_are_measured_anchor_for_anchor():
+    """Two anchors of one face with near-equal scores: the candidate keeps the other one (its score moved by
+    0.01), whose mesh is different in both models. The plain pair error is large, the same-anchor error is 0
+    (the candidate reproduces the reference at that anchor), and the switch is counted."""
+    from edge.parity import ImageParity, ParityReport, detection_agreement
+    from edge.postprocess import decode_at, decode_detections
+
+    pri = np.array([[0.5, 0.5, 0.2, 0.2], [0.52, 0.5, 0.2, 0.2], [0.1, 0.1, 0.05, 0.05]], np.float32)
+    mesh = np.zeros((3, 12), np.float32)
+    mesh[1] = 3.0  # anchor 1's mesh lies elsewhere
+    ref_out = _one_face_outputs([0.80, 0.79], mesh, pri)
+    cand_out = _one_face_outputs([0.79, 0.80], mesh, pri)
+    ref = decode_detections(ref_out, pri, (100, 100))
+    cand = decode_detections(cand_out, pri, (100, 100))
+    assert ref.anchors.tolist() == [0] and cand.anchors.tolist() == [1]
+    at = decode_at(ref_out, pri, cand.anchors, (100, 100))
+    np.testing.assert_allclose(at.boxes, cand.boxes, atol=1e-4)
+    a = detection_agreement(ref, cand, 0.5, at)
+    assert a["matched"] == 1 and a["anchor_switches"] == 1 and a["switched"] == [True]
+    assert a["mesh_nme"][0] > 0.1 and a["mesh_nme_at_anchor"][0] < 1e-5 and a["landmark_nme_at_anchor"][0] < 1e-5
+    s = ParityReport("t", "int8", "cpu", "c", [ImageParity("x", a, {}, {})]).summary()
+    assert s["anchor_switches"] == 1 and s["mesh_nme_max"] < 1e-5 and s["switched_mesh_nme_max"] > 0.1
+    same = detection_agreement(ref, ref, 0.5, decode_at(ref_out, pri, ref.anchors, (100, 100)))
+    assert same["anchor_switches"] == 0 and same["mesh_nme_at_anchor"][0] == 0
+
+
+def test_decode_at_the_kept_anchors_gives_the_detections():
+    from edge.postprocess import decode_at, decode_detections, rescale
+
+    rng = np.random.default_rng(0)
+    pri = np.column_stack([rng.uniform(0.1, 0.9, (50, 2)), rng.uniform(0.05, 0.3, (50, 2))]).astype(np.float32)
+    s = rng.uniform(0, 1, 50).astype(np.float32)
+    out = {"loc": rng.normal(0, 1, (50, 4)).astype(np.float32), "conf": np.column_stack([1 - s, s]),
+           "landmarks": rng.normal(0, 1, (50, 10)).astype(np.float32), "mesh": rng.normal(0, 1, (50, 9)).astype(np.float32)}
+    det = decode_detections(out, pri, (64, 96))
+    at = decode_at(out, pri, det.anchors, (64, 96))
+    assert len(det) > 3 and (det.scores > 0.5).all()
+    for f in ("boxes", "scores", "landmarks", "mesh"):
+        np.testing.assert_array_equal(getattr(det, f), getattr(at, f))
+    moved = rescale(det, 0.5, (2.0, 3.0), (200, 200))
+    assert moved.anchors is det.anchors and det.take([1, 0]).anchors.tolist() == det.anchors[[1, 0]].tolist()
 
 
 def test_broken_model_fails_parity(bundles, tmp_path):
@@ -74,6 +134,8 @@ def test_check_gates_names_failures():
     assert check_gates(ok, g) == []
     bad = dict(ok, recall=0.9, landmark_nme=0.2)
     assert [f.split()[0] for f in check_gates(bad, g)] == ["recall", "landmark_nme"]
+    worst = dict(ok, landmark_nme_p99=1.0, mesh_nme_p99=1.0)  # the mean passes, the worst faces do not
+    assert [f.split()[0] for f in check_gates(worst, g)] == ["landmark_nme_p99", "mesh_nme_p99"]
     assert load_gates("onnx", "fp32")["recall_min"] == 1.0
 
 
