@@ -167,6 +167,9 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         from quant.qat import load_qat
 
         qat, model = load_qat(info.path, input_size)
+        if getattr(qat, "full_integer", False) and target != "tflite":
+            raise ConfigError(f"{info.path} was trained as the full-integer TFLite program (--qat-graph full-integer), which "
+                              f"converts for tflite only; for {target} train with --qat-graph float-input")
         if qat.backend == "nncf" and target != "openvino":
             raise ConfigError(f"{info.path} was trained with NNCF's quantisers (--qat-backend nncf), which convert for openvino "
                               f"only; for {target} train with --qat-backend pt2e")

@@ -245,11 +245,17 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         import litert_torch
         from litert_torch.quantize.quant_config import QuantConfig
 
-        step(opts.progress, "the QAT program (trained ranges, no calibration), then litert_torch.convert")
+        full = getattr(opts.qat, "full_integer", False)
+        step(opts.progress, "the QAT program (trained ranges, no calibration), then litert_torch.convert" + (" (full-integer)" if full else ""))
+        xq = torch.zeros(1, opts.input_size, opts.input_size, 3) if full else x
         with native_output_quiet():
-            litert_torch.convert(opts.qat.finalize(), (x,), quant_config=QuantConfig(pt2e_quantizer=opts.qat.quantizer)).export(str(out))
+            litert_torch.convert(opts.qat.finalize(), (xq,), quant_config=QuantConfig(pt2e_quantizer=opts.qat.quantizer)).export(str(out))
+        if full:
+            uint8_input(out)
         quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> litert_torch.convert", "weights": "int8 per-channel symmetric",
                       "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
+        if full:
+            quant["graph"] = "full-integer: BGR canvas in (NHWC, normalised inside the model), int8 out"
     elif opts.precision == "int8":
         step(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert (full-integer)")
         quant.update(_convert_int8(model, calib, spec, out, opts.progress))
@@ -266,7 +272,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     quant["io"] = io_quantization(out, spec.output_names)
     quant["float_compute_ops"] = float_compute_ops(quant["ops"])
     quant["full_integer"] = opts.precision == "int8" and not quant["float_compute_ops"]
-    if opts.precision == "int8" and opts.qat is None and quant["float_compute_ops"]:
+    if opts.precision == "int8" and (opts.qat is None or getattr(opts.qat, "full_integer", False)) and quant["float_compute_ops"]:
         from edge.errors import ConversionError
 
         raise ConversionError(f"the int8 graph kept float compute ops: {quant['float_compute_ops']}")

@@ -105,8 +105,10 @@ def cmd_compress(args) -> int:
     if not 0.0 <= args.prune < 1.0:
         raise ConfigError(f"--prune must be in [0, 1), got {args.prune}")
     overrides = parse_module_ratios(args.prune_module or [])
-    if args.prune == 0.0 and not any(overrides.values()):
-        raise ConfigError("nothing to prune: --prune 0 and no --prune-module NAME=RATIO above 0")
+    # --prune 0 with QAT: quantisation-aware training of the model itself, no pruning stage
+    qat_only = args.prune == 0.0 and not any(overrides.values())
+    if qat_only and not (args.qat_steps or args.qat_epochs):
+        raise ConfigError("nothing to prune: --prune 0 and no --prune-module NAME=RATIO above 0 (give --qat-steps to train int8 only)")
     if args.stages < 1:
         raise ConfigError("--stages must be positive")
     if args.qat_steps and args.qat_epochs:
@@ -120,6 +122,13 @@ def cmd_compress(args) -> int:
         raise ConfigError("--float-modules and --qat-ranges shape the QAT program: give --qat-steps or --qat-epochs")
     if float_modules and args.qat_backend != "pt2e":
         raise ConfigError("--float-modules is for the pt2e QAT program (NNCF places its own quantisers)")
+    if args.qat_graph == "full-integer":
+        if not (args.qat_steps or args.qat_epochs) or args.qat_backend != "pt2e":
+            raise ConfigError("--qat-graph full-integer shapes the pt2e QAT program: give --qat-steps or --qat-epochs with --qat-backend pt2e")
+        if float_modules:
+            raise ConfigError("--qat-graph full-integer has no float modules: drop --float-modules")
+        if args.distill_features:
+            raise ConfigError("--distill-features taps the float-input QAT program; it is not supported with --qat-graph full-integer")
     if args.qat_ranges == "learnt" and (args.qat_backend != "pt2e" or args.observe_steps):
         raise ConfigError("--qat-ranges learnt is for the pt2e backend, starting from calibrated ranges (--observe-steps 0); "
                           "NNCF's quantisers learn their ranges already")
@@ -174,7 +183,7 @@ def cmd_compress(args) -> int:
     for prm in student.parameters():  # torch-pruning leaves layers whose weights do not require grad alone
         prm.requires_grad = True
     t0 = time.perf_counter()
-    for k in range(1, args.stages + 1):  # stage k: k / stages of the ratio, of the teacher's widths
+    for k in range(1, (0 if qat_only else args.stages) + 1):  # stage k: k / stages of the ratio, of the teacher's widths
         sdir = out / f"stage{k}"
         final, last = sdir / "final.pth", sdir / "last.pth"
         if final.exists():  # stage done in an earlier run
@@ -245,7 +254,8 @@ def cmd_compress(args) -> int:
 
                     qmodel, eq_report = cle(student)
                     qmodel.spec = spec
-                q = QATQuantizer(qmodel, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules)
+                q = QATQuantizer(qmodel, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules,
+                                 full_integer=args.qat_graph == "full-integer")
                 net = q.prepare()
                 if cs is not None:
                     q.calibrate(cs.tensors(spec))
@@ -255,7 +265,8 @@ def cmd_compress(args) -> int:
                               lr=args.qat_lr, optimizer="adamw", weight_decay=0.0,
                               warmup=min(args.warmup, args.qat_steps or args.warmup), workers=args.workers, seed=args.seed + 100,
                               save_every=args.save_every, bn="frozen", progress=not args.quiet,
-                              extra={"qat_backend": args.qat_backend, "qat_ranges": args.qat_ranges, "float_modules": list(float_modules),
+                              extra={"qat_backend": args.qat_backend, "qat_graph": args.qat_graph, "qat_ranges": args.qat_ranges,
+                                     "float_modules": list(float_modules),
                                      "equalize": bool(args.qat_equalize and args.qat_backend == "pt2e"),
                                      "distill_features": list(feature_names), "feature_weight": args.feature_weight if feature_names else None,
                                      "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
@@ -298,10 +309,13 @@ def cmd_compress(args) -> int:
         dist.destroy_process_group()
     if not env.main:
         return 0
-    stage_final = out / f"stage{args.stages}" / "final.pth"
-    with atomic_file(out / "final.pth") as tmp:
-        tmp.write_bytes(stage_final.read_bytes())
-    model, _ = load_weights(out / "final.pth")
+    if qat_only:  # the float model is the teacher itself
+        model = copy.deepcopy(teacher).cpu().eval()
+    else:
+        stage_final = out / f"stage{args.stages}" / "final.pth"
+        with atomic_file(out / "final.pth") as tmp:
+            tmp.write_bytes(stage_final.read_bytes())
+        model, _ = load_weights(out / "final.pth")
     teacher = teacher.cpu()
     model.spec = spec
     import torch_pruning as tp
@@ -322,18 +336,23 @@ def cmd_compress(args) -> int:
                                  "student": evaluate_on_samples(model, val, root, args.size)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     a = summary["agreement_with_teacher"]
-    print(f"pruned {args.prune:.0%} in {args.stages} stage(s): {summary['gmacs'][0]:.3f} -> {summary['gmacs'][1]:.3f} GMACs at "
-          f"{args.size}, {summary['params'][0]:,} -> {summary['params'][1]:,} parameters")
-    print(f"teacher-face recall on {len(val)} held-out images {a['recall']:.3f} (precision {a['precision']:.3f}, "
-          f"mean IoU {a['mean_iou'] or 0:.4f})")
+    if not qat_only:
+        print(f"pruned {args.prune:.0%} in {args.stages} stage(s): {summary['gmacs'][0]:.3f} -> {summary['gmacs'][1]:.3f} GMACs at "
+              f"{args.size}, {summary['params'][0]:,} -> {summary['params'][1]:,} parameters")
+    if not qat_only:  # the float student is the teacher itself: its int8 agreement is edge parity's
+        print(f"teacher-face recall on {len(val)} held-out images {a['recall']:.3f} (precision {a['precision']:.3f}, "
+              f"mean IoU {a['mean_iou'] or 0:.4f})")
     if "heldout_ap" in summary:
         h = summary["heldout_ap"]
         print(f"held-out AP (all faces, IoU 0.5): teacher {h['teacher']['ap']:.4f}, student {h['student']['ap']:.4f}")
     if args.qat_steps or args.qat_epochs:
-        print(f"wrote {out / 'qat.pth'}: the QAT model (`edge-convert --precision int8 --weights` it for tflite, openvino, onnx or coreml; NNCF's for openvino)",
+        where = ("tflite (full-integer)" if args.qat_graph == "full-integer" else
+                 "openvino" if args.qat_backend == "nncf" else "tflite, openvino, onnx or coreml")
+        print(f"wrote {out / 'qat.pth'}: the QAT model (`edge-convert --precision int8 --weights` it for {where})",
               file=sys.stderr)
-    print(f"wrote {out / 'final.pth'} (use with --weights; `edge eval widerface --list {out / 'heldout.txt'}` for easy/medium/hard)",
-          file=sys.stderr)
+    if not qat_only:
+        print(f"wrote {out / 'final.pth'} (use with --weights; `edge eval widerface --list {out / 'heldout.txt'}` for easy/medium/hard)",
+              file=sys.stderr)
     return 0
 
 
@@ -371,6 +390,9 @@ def register(sub) -> None:
                    "N: moving-average min/max over the first N training steps instead")
     p.add_argument("--float-modules", default="", metavar="NAMES",
                    help="pt2e QAT: comma-separated model modules left float in the program, e.g. body.stage1")
+    p.add_argument("--qat-graph", choices=("float-input", "full-integer"), default="float-input",
+                   help="the pt2e QAT program: float-input (converts for tflite, openvino, onnx and coreml) or full-integer "
+                        "(TFLite's full-integer graph, uint8 canvas in: converts for tflite only)")
     p.add_argument("--qat-ranges", choices=("frozen", "learnt"), default="frozen",
                    help="pt2e: activation ranges frozen after calibration, or scales trained with the weights (LSQ)")
     p.add_argument("--no-qat-equalize", dest="qat_equalize", action="store_false",

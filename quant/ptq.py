@@ -125,9 +125,10 @@ _PASS_THROUGH = ("reshape.default", "view.default", "permute.default", "clone.de
                  "_unsafe_view.default")
 
 
-def full_integer_quantizer():
+def full_integer_quantizer(qat: bool = False):
     """litert-torch's PT2E quantizer (per-channel int8 weights, int8 activations) extended so that litert-torch
-    lowers every op of `CanvasInput(integer_graph_form(model))` to int8:
+    lowers every op of `CanvasInput(integer_graph_form(model))` to int8 (qat: fake-quantisers instead of
+    observers, for quantisation-aware training of the same program):
 
     - LeakyReLU outputs are observed wherever they are (litert-torch annotates them only between convolutions),
       so the FPN's LeakyReLUs that feed the upsampling and the additions are int8 too;
@@ -140,7 +141,7 @@ def full_integer_quantizer():
     from litert_torch.quantize.pt2e_quantizer_utils import get_input_act_qspec, get_output_act_qspec
     from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec
 
-    cfg = quantization_config(True)
+    cfg = quantization_config(True, qat=qat)
     act_in, act_out = get_input_act_qspec(cfg), get_output_act_qspec(cfg)
     aten = torch.ops.aten
 
@@ -169,10 +170,11 @@ def full_integer_quantizer():
         def annotate(self, model):
             model = super().annotate(model)
             g = model.graph
+            # the input's permute and the normalising convolution (a dynamic batch adds size and guard users)
             placeholder = next(n for n in g.nodes if n.op == "placeholder" and n.users)
-            permute = next(iter(placeholder.users))
+            permute = next(u for u in placeholder.users if u.target == aten.permute.default)
             annotate(permute, {placeholder: fixed(PIXEL_QPARAMS)}, SharedQuantizationSpec((placeholder, permute)))
-            norm = next(iter(permute.users))
+            norm = next(u for u in permute.users if u.target == aten.conv2d.default)
             ann(norm).input_qspec_map[permute] = SharedQuantizationSpec(permute)
             for n in g.nodes:  # in graph order, so that chains of pass-through ops share along
                 if n.op != "call_function":

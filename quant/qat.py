@@ -26,9 +26,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from edge.model import TupleOutputs
+from edge.model import TupleOutputs, integer_graph_form
 from quant.config import QuantConfig
-from quant.ptq import quantization_config
+from quant.ptq import CanvasInput, full_integer_quantizer, pt2e_quantizer, quantization_config
 
 
 @contextmanager
@@ -92,12 +92,34 @@ class Named(nn.Module):
 
 
 class NamedOutputs(Named):
-    """Named outputs of an exported program."""
+    """Named outputs of an exported program. canvas (mean, std): the program takes the BGR canvas (B, H, W, 3)
+    (a full-integer program); the normalised (B, 3, H, W) tensor training code hands over is turned back into it."""
+
+    def __init__(self, gm: nn.Module, names: tuple[str, ...], canvas: tuple | None = None):
+        super().__init__(gm, names)
+        self.canvas = canvas
+
+    def forward(self, x):
+        return dict(zip(self.names, self.gm(program_input(x, self.canvas))))
 
     def train(self, mode: bool = True):
         """Exported programs refuse train()/eval(); batch norms stay frozen and fake quantisation on."""
         self.training = mode
         return self
+
+
+def canvas_of(spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of a spec, shaped to turn a normalised (B, 3, H, W) tensor back into pixels."""
+    return tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+
+
+def program_input(x: torch.Tensor, canvas: tuple | None) -> torch.Tensor:
+    """The normalised (B, 3, H, W) tensor as the program's input: itself, or (canvas: `canvas_of(spec)`) the
+    (B, H, W, 3) BGR canvas a full-integer program takes."""
+    if canvas is None:
+        return x
+    mean, std = (c.to(x.device) for c in canvas)
+    return (x * std + mean).permute(0, 2, 3, 1)
 
 
 def _set_range(fq, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
@@ -146,9 +168,16 @@ class LearnedRange(nn.Module):
 class QATQuantizer:
     backend = "pt2e"
 
-    def __init__(self, model, config: QuantConfig | None = None, size: int = 640, observe_steps: int = 50, float_modules=()):
+    def __init__(self, model, config: QuantConfig | None = None, size: int = 640, observe_steps: int = 50, float_modules=(),
+                 full_integer: bool = False):
         self.model, self.config, self.size, self.observe_steps = model, config or QuantConfig(), size, observe_steps
         self.float_modules = tuple(float_modules)  # left float in the program (quant.ptq.pt2e_quantizer)
+        if full_integer and self.float_modules:
+            raise ValueError("a full-integer program has no float modules")
+        # full_integer: the program of TFLite's full-integer graph (quant.ptq.full_integer_quantizer), canvas in
+        self.full_integer = full_integer
+        self.prefix = "model.model." if full_integer else "model."  # the float model's parameters inside the program
+        self.canvas = canvas_of(model.spec) if full_integer else None
         self.steps, self.gm, self.quantizer = 0, None, None
 
     def prepare(self) -> NamedOutputs:
@@ -156,17 +185,22 @@ class QATQuantizer:
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-        from quant.ptq import pt2e_quantizer
-
         g = self.config.global_config
         if g is None or g.activation_bits is None:
             raise ValueError("QAT here is int8 weights and activations (global_config with activation_bits=8)")
         self.folded = fold_batch_norm_scales(self.model)
-        bn_scales = {f"model.{n}.weight" for n, m in self.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-        x = torch.zeros(2, 3, self.size, self.size)
+        bn_scales = {f"{self.prefix}{n}.weight" for n, m in self.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
         batch = torch.export.Dim("batch", min=1, max=256)
-        gm = torch.export.export(TupleOutputs(self.model.eval()), (x,), dynamic_shapes={"x": {0: batch}}).module()
-        self.quantizer = pt2e_quantizer(self.float_modules, qat=True, per_channel=g.weight_granularity == "per_channel")
+        if self.full_integer:
+            if g.weight_granularity != "per_channel":
+                raise ValueError("the full-integer program has per-channel weights")
+            net = CanvasInput(integer_graph_form(self.model.eval()), self.model.spec.mean, self.model.spec.std).eval()
+            x = torch.zeros(2, self.size, self.size, 3)
+            self.quantizer = full_integer_quantizer(qat=True)
+        else:
+            net, x = TupleOutputs(self.model.eval()), torch.zeros(2, 3, self.size, self.size)
+            self.quantizer = pt2e_quantizer(self.float_modules, qat=True, per_channel=g.weight_granularity == "per_channel")
+        gm = torch.export.export(net, (x,), dynamic_shapes={"x": {0: batch}}).module()
         with _module_patterns():
             gm = prepare_qat_pt2e(gm, self.quantizer)
         self.gm = move_exported_model_to_eval(gm)  # batch norms frozen; fake quantisation stays on
@@ -174,13 +208,16 @@ class QATQuantizer:
         for name, prm in self.gm.named_parameters():  # batch-norm scales stay 1: the weights keep their int8 grid
             if name in bn_scales:
                 prm.requires_grad = False
-        return NamedOutputs(self.gm, self.model.spec.output_names)
+        return NamedOutputs(self.gm, self.model.spec.output_names, self.canvas)
 
     def _fake_quantizers(self):
         """-> (activation, weight) fake-quantise modules. Weights are quantised symmetric (per channel by
-        default), activations per-tensor affine: the quantizer's config tells them apart."""
+        default), activations per-tensor affine: the quantizer's config tells them apart. Fixed ranges (the
+        full-integer program's pixel input and softmax output) are neither: nothing sets or learns them."""
         acts, weights = [], []
         for m in self.gm.modules():
+            if "FixedQParams" in type(m).__name__:
+                continue
             if hasattr(m, "fake_quant_enabled") and hasattr(m, "qscheme"):
                 (acts if m.qscheme == torch.per_tensor_affine else weights).append(m)
         return acts, weights
@@ -208,7 +245,7 @@ class QATQuantizer:
         try:
             with torch.no_grad():
                 for t in tensors:
-                    self.gm(torch.from_numpy(t))
+                    self.gm(program_input(torch.from_numpy(t), self.canvas))
                     n += 1
         finally:
             for h in hooks:
@@ -262,9 +299,10 @@ class QATQuantizer:
     def float_state(self, model) -> dict[str, torch.Tensor]:
         """The trained float weights as a state_dict of `model` (the program holds its own copies)."""
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        n = len(self.prefix)
         for k, v in self.gm.state_dict().items():
-            if k.startswith("model.") and k[6:] in state:
-                state[k[6:]] = v.detach().clone()
+            if k.startswith(self.prefix) and k[n:] in state:
+                state[k[n:]] = v.detach().clone()
         return state
 
     def finalize(self, fold_quantize: bool = False):
@@ -279,6 +317,7 @@ class QATQuantizer:
         fq = sum(1 for m in self.gm.modules() if type(m).__name__.endswith("FakeQuantize")) if self.gm is not None else 0
         return {"method": "qat", "steps": self.steps, "calibration_images": getattr(self, "calibrated", 0), "batch_norms_folded": getattr(self, "folded", 0), "observe_steps": self.observe_steps, "fake_quantizers": fq,
                 "float_modules": list(self.float_modules),
+                "graph": "full-integer" if self.full_integer else "float input (NCHW)",
                 "activation_ranges": "learnt" if getattr(self, "learned", None) or getattr(self, "ranges_learnt", False) else "frozen",
                 "weights": self.config.global_config.weight_granularity if self.config.global_config else None}
 
@@ -367,7 +406,8 @@ def load_qat(path, size: int):
             raise WeightsError(f"{path}: its NNCF QAT state does not fit the model ({str(e)[:200]})") from None
     else:
         trained = ck.get("retinaface_edge", {}).get("qat", {})
-        q = QATQuantizer(model, size=size, observe_steps=0, float_modules=trained.get("float_modules") or ())
+        q = QATQuantizer(model, size=size, observe_steps=0, float_modules=trained.get("float_modules") or (),
+                         full_integer=ck.get("retinaface_edge", {}).get("train", {}).get("qat_graph") == "full-integer")
         net = q.prepare()
         try:
             net.load_state_dict(ck["qat_state"])

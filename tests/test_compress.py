@@ -233,6 +233,51 @@ def test_qat_run_converts_for_every_target(shared, tmp_path):
     assert np.median(np.abs(got["loc"] - sim["loc"])) < 0.02 and np.abs(got["conf"] - sim["conf"]).max() < 0.1
 
 
+@pytest.mark.qat
+def test_qat_full_integer_program_converts_to_the_full_integer_graph(shared, tmp_path, capsys):
+    """--qat-graph full-integer trains the program of TFLite's full-integer graph (canvas in, every op int8): it
+    converts with no float compute op, the trained simulation is what the TFLite model computes (on a real
+    picture: loc within two int8 steps in the median), and another target or a shape the program cannot have is refused
+    before any work. --prune 0: QAT of the model itself, no pruning stage and no final.pth."""
+    from converters.api import convert
+    from converters.bundle import read_metadata
+    from converters.tflite_target import TFLiteRunner
+    from edge.cli import main
+    from edge.errors import ConfigError
+    from quant.qat import load_qat
+
+    base = ["compress", "--images", str(shared / "images"), "--prune", "0", "--batch", "1", "--size", "160",
+            "--val", "1", "--warmup", "1", "--threads", "1", "--calib-count", "2", "--quiet"]
+    for bad, says in ((["--qat-graph", "full-integer"], "--qat-steps"),
+                      (["--qat-graph", "full-integer", "--qat-steps", "2", "--float-modules", "body.stage1"], "no float modules"),
+                      (["--qat-graph", "full-integer", "--qat-steps", "2", "--qat-backend", "nncf"], "pt2e")):
+        assert main([*base, *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    out = tmp_path / "run"
+    assert main([*base, "--out", str(tmp_path / "none")]) == 2 and "nothing to prune" in capsys.readouterr().err
+    assert main([*base, "--qat-steps", "2", "--qat-graph", "full-integer", "--out", str(out)]) == 0
+    assert (out / "qat.pth").is_file() and not (out / "final.pth").exists() and not list(out.glob("stage*"))
+    res = convert("tflite", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "tfl", progress=False)
+    q = read_metadata(res.bundle)[1]["quantization"]
+    assert q["full_integer"] is True and q["float_compute_ops"] == {} and q["qat"]["graph"] == "full-integer"
+    assert q["ops"]["QUANTIZE:uint8->int8"] == 1 and q["ops"]["CONV_2D:int8->int8"] == 46 and q["qat"]["steps"] == 2
+    with pytest.raises(ConfigError, match="full-integer"):
+        convert("onnx", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "onnx", progress=False)
+    assert not (tmp_path / "onnx").exists()
+    qat, model = load_qat(out / "qat.pth", 160)
+    assert qat.full_integer
+    from edge.image_io import load_image
+    from edge.preprocess import prepare
+
+    canvas = prepare(load_image(shared / "images" / "group.jpg"), model.spec).pixel_canvas[None]
+    with torch.no_grad():
+        sim = dict(zip(model.spec.output_names, (t.numpy() for t in qat.finalize()(torch.from_numpy(canvas.astype(np.float32))))))
+    got = TFLiteRunner(res.bundle / "model.tflite", model.spec.output_names).run_image(canvas)
+    # the same int8 arithmetic: outputs agree up to a few rounding steps
+    step = q["io"]["outputs"]["loc"]["scale"]
+    assert np.median(np.abs(got["loc"] - sim["loc"])) <= 2.01 * step and np.abs(got["conf"] - sim["conf"]).max() < 0.1
+
+
 def test_qat_folds_batch_norm_scales_without_changing_the_function():
     """Before QAT the batch norms' scales move into the convolutions (what QAT fake-quantises is then what the
     converters quantise); the model computes the same thing."""
