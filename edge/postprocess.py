@@ -109,7 +109,8 @@ def final_stage(outputs: dict[str, np.ndarray], pri: np.ndarray, variances) -> t
         return outputs, pri
     b1 = decode_boxes(outputs["loc"], pri, variances)
     pri = np.concatenate([(b1[:, :2] + b1[:, 2:]) / 2, b1[:, 2:] - b1[:, :2]], axis=1)
-    return {**outputs, "loc": outputs["loc2"], "conf": outputs["conf2"], "landmarks": outputs["landmarks2"]}, pri
+    rest = {k: v for k, v in outputs.items() if k not in ("loc2", "conf2", "landmarks2")}  # applied once only
+    return {**rest, "loc": outputs["loc2"], "conf": outputs["conf2"], "landmarks": outputs["landmarks2"]}, pri
 
 
 def decode_detections(

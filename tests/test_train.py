@@ -390,3 +390,7 @@ def test_cascade_decode_uses_first_stage_boxes():
     p1 = np.concatenate([(b1[:, :2] + b1[:, 2:]) / 2, b1[:, 2:] - b1[:, :2]], axis=1)
     np.testing.assert_allclose(det.boxes, decode_boxes(loc2[7:8], p1) * 64, rtol=1e-5)
     np.testing.assert_allclose(det.landmarks, decode_points(lm2[7:8], p1) * 64, rtol=1e-5)
+    from edge.postprocess import decode_at
+
+    at = decode_at(outs, pri, det.anchors, (64, 64))  # the raw outputs at the kept anchor: the same face
+    np.testing.assert_allclose(at.boxes, det.boxes, rtol=1e-6)
