@@ -44,6 +44,7 @@ class Prepared:
             raise ValueError("Prepared needs a tensor or the resized image")
         self._tensor = tensor
         self._canvas = None
+        self._pixel_canvas = None
         self._resized = resized
         self._canvas_hw = canvas_hw if canvas_hw is not None else tuple(tensor.shape[2:4])
         self._mean = mean
@@ -81,8 +82,10 @@ class Prepared:
             return self.canvas
         if self._resized is None:
             raise ValueError("no image behind this input (given as a tensor)")
-        rounded = np.clip(np.rint(self._resized), 0, 255).astype(np.uint8)
-        return _canvas(rounded, self._canvas_hw, np.clip(np.rint(np.asarray(self._mean, np.float64)), 0, 255))
+        if self._pixel_canvas is None:  # built once (pre-processing builds it; inference then reads it)
+            rounded = np.clip(np.rint(self._resized), 0, 255).astype(np.uint8)
+            self._pixel_canvas = _canvas(rounded, self._canvas_hw, np.clip(np.rint(np.asarray(self._mean, np.float64)), 0, 255))
+        return self._pixel_canvas
 
     @property
     def canvas(self) -> np.ndarray:

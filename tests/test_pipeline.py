@@ -128,6 +128,8 @@ def test_canvas_and_tensor_are_the_same_input():
     assert not resized.has_canvas and resized.tensor.shape == (1, 3, 640, 640)
     with pytest.raises(ValueError, match="no exact uint8 canvas"):
         resized.canvas
+    pixels = resized.pixel_canvas  # the rounded canvas is built once: pre-processing builds it, inference reads it
+    assert pixels is resized.pixel_canvas and pixels.dtype == np.uint8 and pixels.shape == (640, 640, 3)
 
 
 def test_resize_matches_half_pixel_bilinear():
