@@ -69,7 +69,7 @@ def detection_agreement(ref: Detections, cand: Detections, iou_threshold: float 
 # --- the harness -------------------------------------------------------------------------------
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 GATES_FILE = Path(__file__).with_name("parity_gates.json")
@@ -150,10 +150,6 @@ class ParityReport:
             return (a["recall"], a["precision"], float(np.mean(a["iou"])) if a["iou"] else 1.0)
 
         return sorted(self.images, key=key)[:k]
-
-
-def _no_mesh(det):
-    return det.take(np.arange(len(det))) if det.mesh is None else type(det)(det.boxes, det.scores, det.landmarks, None, det.anchors)
 
 
 def _worst_faces(rep: ParityReport, dets: dict, images: dict, png: Path, k: int = 6) -> str | None:
@@ -271,7 +267,7 @@ def write_report(rep: ParityReport, summary: dict, gates: dict, failed: list[str
     for k, w in enumerate(rep.worst(3)):  # boxes and landmarks only: meshes of a crowd would hide every difference
         ref, cand = dets[w.name]
         png = f"worst_{k + 1}_{Path(w.name).stem}.png"
-        draw_detections(images[w.name], [(_no_mesh(ref), (0, 255, 0)), (_no_mesh(cand), (255, 0, 255))], scores=False).save(out / png)
+        draw_detections(images[w.name], [(replace(ref, mesh=None), (0, 255, 0)), (replace(cand, mesh=None), (255, 0, 255))], scores=False).save(out / png)
         worst_pngs.append((w, png))
     faces_png = _worst_faces(rep, dets, images, out / "worst_faces.png")
 
