@@ -8,14 +8,3 @@ A calibration set is a stack of letterboxed BGR uint8 canvases at the contract's
 - a folder of the user's images: N picked deterministically (by a hash of the file name);
 - a built set (.npz) written by `python -m calib_data.build`.
 """
-
-_EXPORTS = ("CalibSet", "build_from_folder", "default_set", "load_calibration")
-
-
-def __getattr__(name):
-    # lazy, so that `python -m calib_data.build` does not import the module twice
-    if name in _EXPORTS:
-        from calib_data import build
-
-        return getattr(build, name)
-    raise AttributeError(name)

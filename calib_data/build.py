@@ -4,20 +4,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from edge.atomic import atomic_file
 from edge.contract import ModelSpec
 from edge.errors import ConfigError, EdgeError, ImageError
-from edge.image_io import load_image
-from edge.preprocess import resize_bilinear
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from edge.image_io import image_files, load_image
+from edge.outputs import IMAGE_SUFFIXES
+from edge.preprocess import letterbox_uint8, normalise, resize_bilinear
+from edge.samples import grace_hopper, scene
 
 
 @dataclass(frozen=True)
@@ -33,30 +33,16 @@ class CalibSet:
 
     def tensors(self, spec: ModelSpec):
         """Yield (1, 3, S, S) float32 network inputs."""
-        mean = np.asarray(spec.mean, np.float32)
-        std = np.asarray(spec.std, np.float32)
         for im in self.images:
-            yield np.ascontiguousarray(((im.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None])
+            yield normalise(im, spec.mean, spec.std)
 
     def summary(self) -> dict:
         return {"count": len(self), "source": self.source, "size": int(self.images.shape[1]) if len(self) else None,
                 "sha256": hashlib.sha256(self.images.tobytes()).hexdigest()}
 
 
-def letterbox_uint8(image_bgr: np.ndarray, size: int, mean) -> np.ndarray:
-    """BGR uint8 (H, W, 3) -> (size, size, 3) uint8: long side to `size`, top-left, padded with the mean colour."""
-    h, w = image_bgr.shape[:2]
-    s = size / max(h, w)
-    nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    canvas = np.empty((size, size, 3), np.uint8)
-    canvas[:] = np.round(np.asarray(mean)).astype(np.uint8)
-    canvas[:nh, :nw] = np.clip(resize_bilinear(image_bgr, nh, nw) + 0.5, 0, 255).astype(np.uint8)
-    return canvas
-
-
 def default_set(size: int = 640, n: int = 32, mean=(104, 117, 123)) -> CalibSet:
     """The built-in set: composed multi-face scenes and the plain portrait at several scales."""
-    from edge.samples import grace_hopper, scene
 
     imgs, names = [], []
     portrait = grace_hopper()
@@ -76,19 +62,12 @@ def default_set(size: int = 640, n: int = 32, mean=(104, 117, 123)) -> CalibSet:
     return CalibSet(np.stack(imgs), "built-in: scenes composed from Grace Hopper's public-domain portrait (matplotlib wheel)", tuple(names))
 
 
-def image_files(folder: str | Path) -> list[Path]:
-    """Every image file under `folder` (recursively, by suffix), sorted."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
 def pick(paths: list[Path], n: int) -> list[Path]:
     """Deterministic choice of n files: the n smallest SHA-1 digests of their names."""
     return sorted(paths, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())[:n]
 
 
 def build_from_folder(folder: str | Path, n: int = 64, size: int = 640, mean=(104, 117, 123), progress: bool = True) -> CalibSet:
-    from tqdm import tqdm
-
     folder = Path(folder)
     paths = image_files(folder)
     if not paths:
@@ -107,13 +86,8 @@ def build_from_folder(folder: str | Path, n: int = 64, size: int = 640, mean=(10
 
 
 def save(cs: CalibSet, out: str | Path) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".npz.partial")
-    os.close(fd)
-    with open(tmp, "wb") as f:
+    with atomic_file(out) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, images=cs.images, source=np.array(cs.source), names=np.array(json.dumps(list(cs.names))))
-    os.replace(tmp, out)
 
 
 def load_npz(path: str | Path) -> CalibSet:

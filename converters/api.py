@@ -9,12 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
+from calib_data.build import load_calibration
 from converters.base import ConvertOptions, minimal_metadata, tool_version
-from converters.bundle import (MESH_DECODER_FILE, FORMAT_VERSION, atomic_folder, attach_mesh_decoder, check_destination, git_revision,
-                               write_metadata)
+from converters.bundle import atomic_folder, check_destination, git_revision, write_metadata
 from converters.registry import target_module
+from edge.bundle import FORMAT_VERSION, MESH_DECODER_FILE, RUNNERS, attach_mesh_decoder, path_bytes
 from edge.contract import MAX_INPUT_SIZE
 from edge.errors import ConfigError
+from edge.evaluate.parity import load_gates, run_parity
+from edge.pipeline import Pipeline
+from edge.preprocess import normalise, prepare
+from edge.runners import TorchRunner
+from edge.samples import parity_images
+from edge.weights.load import load_weights
+from quant.config import check_module_names
+from quant.equalize import equalize as cle
+from quant.qat import load_qat
 
 QAT_TARGETS = ("tflite", "openvino", "onnx", "coreml")  # targets a PT2E QAT checkpoint converts to int8 for
 FLOAT_MODULE_TARGETS = ("coreml",)  # PT2E int8 PTQ with float modules (TFLite int8 is full-integer: none)
@@ -34,27 +44,8 @@ class ConvertResult:
     replaced: str = "new"  # what was at the destination before: "new", "empty folder" or "bundle" (one of ours, replaced)
 
 
-def parity_images(size: int, mean) -> tuple[np.ndarray, list[str]]:
-    """The fixed parity set stored in every bundle: built-in pictures only, letterboxed uint8."""
-    from calib_data.build import letterbox_uint8
-    from edge.samples import grace_hopper, scene
-
-    imgs = [("grace_hopper", grace_hopper()), ("scene_a", scene(11, (720, 1280), 8)), ("scene_b", scene(12, (1080, 1080), 10)),
-            ("scene_c", scene(13, (720, 1280), 12)), ("scene_d", scene(14, (1280, 960), 10))]
-    return np.stack([letterbox_uint8(im, size, mean) for _, im in imgs]), [n for n, _ in imgs]
-
-
-def _canvas_tensor(canvas: np.ndarray, spec) -> np.ndarray:
-    mean = np.asarray(spec.mean, np.float32)
-    std = np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(((canvas.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None])
-
-
 def golden(model, spec, size: int) -> dict[str, np.ndarray]:
     """FP32 reference on the parity set: canvases, top-k anchors' raw outputs, decoded detections."""
-    from edge.pipeline import Pipeline
-    from edge.preprocess import Prepared
-    from edge.runners import TorchRunner
 
     canvases, names = parity_images(size, spec.mean)
     runner = TorchRunner(model)
@@ -64,14 +55,14 @@ def golden(model, spec, size: int) -> dict[str, np.ndarray]:
         g["det_mesh"] = []
     for n in spec.output_names:
         g[f"ref_{n}"] = []
-    for c in canvases:
-        x = _canvas_tensor(c, spec)
-        out = runner(x)
+    for c in canvases:  # prepared as the parity check and detection prepare them (a canvas: no resize)
+        prep = prepare(c, spec.with_input_size(size))
+        out = runner(prep.tensor)
         idx = np.argsort(-out["conf"][0, :, 1], kind="stable")[:GOLDEN_TOP_K]
         g["anchor_idx"].append(idx)
         for n in spec.output_names:
             g[f"ref_{n}"].append(out[n][0, idx])
-        det = pipe.postprocess(out, Prepared(x, 1.0, (0.0, 0.0), (size, size)))
+        det = pipe.postprocess(out, prep)
         g["det_boxes"].append(det.boxes)
         g["det_scores"].append(det.scores)
         g["det_landmarks"].append(det.landmarks)
@@ -86,23 +77,15 @@ def golden(model, spec, size: int) -> dict[str, np.ndarray]:
 
 def _max_change(a, b, spec) -> float:
     """Worst raw-output change between two FP32 models on the parity images (equalisation must keep it ~1e-4)."""
-    from edge.runners import TorchRunner
 
     canvases, _ = parity_images(spec.input_size, spec.mean)
     ra, rb = TorchRunner(a), TorchRunner(b)
     worst = 0.0
     for c in canvases[:2]:
-        x = _canvas_tensor(c, spec)
+        x = normalise(c, spec.mean, spec.std)
         oa, ob = ra(x), rb(x)
         worst = max(worst, max(float(np.abs(oa[k] - ob[k]).max()) for k in oa))
     return worst
-
-
-def path_bytes(p: Path) -> int:
-    """Size of a file, or of all files under a folder (an .mlpackage)."""
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size if p.is_file() else 0
 
 
 def check_float_modules(target: str, precision: str, float_modules) -> None:
@@ -129,11 +112,45 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     equalize: for int8, apply cross-layer equalisation to the backbone first (function-preserving);
     None takes the target's measured default (`Capabilities.int8_equalize`).
     float_modules: for the PT2E int8 routes (tflite, coreml), model modules (e.g. "body.stage1") left float."""
-    from calib_data.build import load_calibration
-    from edge.weights import load_weights
-
+    t0 = time.perf_counter()
     mod = target_module(target)
-    caps = mod.CAPABILITIES
+    float_modules = tuple(float_modules or ())
+    # 1. refuse a bad request before any work, the destination included
+    out = Path(out) if out else default_out(target, precision, input_size)
+    replaced = check_request(mod.CAPABILITIES, precision, input_size, calib, float_modules, out)
+    # 2. the FP32 model (the reference), and the QAT program where the checkpoint is one
+    model, info = load_reference(weights, arch, input_size, float_modules)
+    spec = model.spec
+    qat, model = qat_program(info, model, target, precision, calib, input_size)
+    # 3. calibration (PTQ int8) and cross-layer equalisation (int8, where the target measured it helps)
+    cs = load_calibration(calib, input_size, calib_count, spec.mean, progress) if precision == "int8" and qat is None else None
+    meta = base_metadata(target, precision, spec, info, cs)
+    if progress:
+        print(f"edge-convert: {target} {precision} {input_size}x{input_size} from {info.describe()}", file=sys.stderr)
+    if equalize is None or qat is not None:  # a QAT program was trained on the model as it is
+        equalize = mod.CAPABILITIES.int8_equalize and qat is None
+    qmodel, eq_report = equalized(model, spec) if precision == "int8" and equalize else (model, None)
+    with atomic_folder(out) as tmp:
+        # 4. the target's conversion
+        opts = ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules)
+        conv = mod.convert(qmodel, spec, opts, tmp, cs, minimal_metadata(meta))
+        conv.quantization["cross_layer_equalization"] = eq_report
+        if float_modules:
+            conv.quantization["float_modules"] = list(float_modules)
+        # 5. the FP32 reference stored beside it: golden outputs, and the mesh decoder of a low-rank head
+        extra = [*conv.extra_files, *write_reference(tmp, model, spec, meta)]
+        meta.update(model_file=conv.model_file, quantization=conv.quantization, format_metadata=conv.format_metadata,
+                    reproducibility=reproducibility(mod.CAPABILITIES), gates=load_gates(target, precision))
+        # 6. parity against the FP32 model on the built-in pictures, before the bundle is put in place
+        meta["parity"] = parity_check(tmp, meta, model, mod.CAPABILITIES, progress)
+        # 7. the metadata, once, with every file's hash
+        write_metadata(tmp, meta)
+        size_bytes = sum(path_bytes(tmp / f) for f in [conv.model_file, *extra])
+    return ConvertResult(out, target, precision, size_bytes, time.perf_counter() - t0, meta["parity"], replaced)
+
+
+def check_request(caps, precision: str, input_size: int, calib, float_modules: tuple, out: Path) -> str:
+    """Refuse what cannot be done, before any work. -> what is at `out` ("new", "empty folder", "bundle")."""
     caps.check(precision)
     if input_size <= 0 or input_size % 32:
         raise ConfigError(f"input size must be a positive multiple of 32, got {input_size}")
@@ -141,43 +158,46 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         raise ConfigError(f"input size {input_size} is larger than the limit of {MAX_INPUT_SIZE}")
     if calib is not None and precision != "int8":
         raise ConfigError(f"--calib is only used for int8, not {precision}")
-    float_modules = tuple(float_modules or ())
-    check_float_modules(target, precision, float_modules)
-    out = Path(out) if out else default_out(target, precision, input_size)
-    replaced = check_destination(out)  # before any work: never a file or a folder that is not one of our bundles
-    t0 = time.perf_counter()
+    check_float_modules(caps.target, precision, float_modules)
+    return check_destination(out)  # never a file or a folder that is not one of our bundles
+
+
+def load_reference(weights: str, arch: str | None, input_size: int, float_modules: tuple):
+    """-> (the FP32 model at `input_size`, LoadedWeights)."""
     model, info = load_weights(weights, arch=arch)
     if input_size % model.spec.pad_multiple:
         raise ConfigError(f"{info.arch.name} needs an input size that is a multiple of {model.spec.pad_multiple}, got {input_size}")
-    spec = model.spec.with_input_size(input_size)
-    model.spec = spec
+    model.spec = model.spec.with_input_size(input_size)
     if float_modules:
-        from quant.config import check_module_names
-
         check_module_names(model, float_modules)
         if info.kind == "qat":
             raise ConfigError("a QAT checkpoint's float modules were fixed in training (edge compress --float-modules)")
-    qat = None
-    if info.kind == "qat" and precision == "int8":  # int8 from the trained fake-quantised program, no calibration
-        if target not in QAT_TARGETS:
-            raise ConfigError(f"QAT checkpoints convert to int8 for {', '.join(QAT_TARGETS)}; for {target} use its float "
-                              f"weights with PTQ (--weights the run's final.pth)")
-        if calib is not None:
-            raise ConfigError("--calib is not used with a QAT checkpoint (its ranges were learnt in training)")
-        from quant.qat import load_qat
+    return model, info
 
-        qat, model = load_qat(info.path, input_size)
-        if getattr(qat, "full_integer", False) and target != "tflite":
-            raise ConfigError(f"{info.path} was trained as the full-integer TFLite program (--qat-graph full-integer), which "
-                              f"converts for tflite only; for {target} train with --qat-graph float-input")
-        if qat.backend == "nncf" and target != "openvino":
-            raise ConfigError(f"{info.path} was trained with NNCF's quantisers (--qat-backend nncf), which convert for openvino "
-                              f"only; for {target} train with --qat-backend pt2e")
-        equalize = False
-    cs = None
-    if precision == "int8" and qat is None:
-        cs = load_calibration(calib, input_size, calib_count, spec.mean, progress)
-    meta = {
+
+def qat_program(info, model, target: str, precision: str, calib, input_size: int):
+    """-> (the trained fake-quantised program or None, the FP32 model). int8 from a QAT checkpoint takes its
+    program (no calibration); each kind of program converts for the targets named in the messages."""
+    if info.kind != "qat" or precision != "int8":
+        return None, model
+    if target not in QAT_TARGETS:
+        raise ConfigError(f"QAT checkpoints convert to int8 for {', '.join(QAT_TARGETS)}; for {target} use its float "
+                          f"weights with PTQ (--weights the run's final.pth)")
+    if calib is not None:
+        raise ConfigError("--calib is not used with a QAT checkpoint (its ranges were learnt in training)")
+    qat, model = load_qat(info.path, input_size)
+    if getattr(qat, "full_integer", False) and target != "tflite":
+        raise ConfigError(f"{info.path} was trained as the full-integer TFLite program (--qat-graph full-integer), which "
+                          f"converts for tflite only; for {target} train with --qat-graph float-input")
+    if qat.backend == "nncf" and target != "openvino":
+        raise ConfigError(f"{info.path} was trained with NNCF's quantisers (--qat-backend nncf), which convert for openvino "
+                          f"only; for {target} train with --qat-backend pt2e")
+    return qat, model
+
+
+def base_metadata(target: str, precision: str, spec, info, cs) -> dict:
+    """What is known of a bundle before conversion: contract, anchors, weights, calibration, tools, revision."""
+    return {
         "format_version": FORMAT_VERSION,
         "target": target,
         "precision": precision,
@@ -191,53 +211,41 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         "git_revision": git_revision(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    meta_min = minimal_metadata(meta)
+
+
+def equalized(model, spec):
+    """-> (the model after cross-layer equalisation, its report with the worst FP32 output change)."""
+    qmodel, report = cle(model)
+    qmodel.spec = spec
+    report["fp32_max_abs_change"] = _max_change(model, qmodel, spec)
+    return qmodel, report
+
+
+def write_reference(folder: Path, model, spec, meta: dict) -> list[str]:
+    """golden.npz (the FP32 outputs on the parity pictures) and, for a low-rank mesh head, the FP32 decoder that
+    turns each kept face's per-anchor code into vertices in numpy. -> the extra files written besides golden.npz."""
+    np.savez_compressed(folder / "golden.npz", **golden(model, spec, spec.input_size))
+    if not spec.mesh_rank:
+        return []
+    np.savez(folder / MESH_DECODER_FILE, mean=model.mesh_mean.detach().numpy().astype(np.float32),
+             basis=model.mesh_basis.detach().numpy().astype(np.float32))
+    meta["mesh_decoder"] = MESH_DECODER_FILE
+    return [MESH_DECODER_FILE]
+
+
+def reproducibility(caps) -> dict:
+    if caps.not_byte_identical is None:
+        return {"byte_identical": True}
+    return {"byte_identical": False, "tool": caps.convert_requires[0], "why": caps.not_byte_identical}
+
+
+def parity_check(folder: Path, meta: dict, model, caps, progress: bool) -> dict:
+    """The bundle in its temporary folder against the FP32 model on the built-in pictures (the parity record)."""
+    reason = caps.runs_here()
+    if reason is not None:
+        return {"passed": None, "not_run": reason}
     if progress:
-        print(f"edge-convert: {target} {precision} {input_size}x{input_size} from {info.describe()}", file=sys.stderr)
-    qmodel, eq_report = model, None
-    if equalize is None:
-        equalize = caps.int8_equalize
-    if precision == "int8" and equalize:
-        from quant.equalize import equalize as cle
-
-        qmodel, eq_report = cle(model)
-        qmodel.spec = spec
-        eq_report["fp32_max_abs_change"] = _max_change(model, qmodel, spec)
-    with atomic_folder(out) as tmp:
-        conv = mod.convert(qmodel, spec, ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules), tmp, cs, meta_min)
-        conv.quantization["cross_layer_equalization"] = eq_report
-        if float_modules:
-            conv.quantization["float_modules"] = list(float_modules)
-        gold = golden(model, spec, input_size)
-        np.savez_compressed(tmp / "golden.npz", **gold)
-        extra = list(conv.extra_files)
-        if spec.mesh_rank:  # the per-anchor code is decoded for kept faces by the FP32 basis, in numpy
-            np.savez(tmp / MESH_DECODER_FILE, mean=model.mesh_mean.detach().numpy().astype(np.float32),
-                     basis=model.mesh_basis.detach().numpy().astype(np.float32))
-            meta["mesh_decoder"] = MESH_DECODER_FILE
-            extra.append(MESH_DECODER_FILE)
-        meta["model_file"] = conv.model_file
-        meta["quantization"] = conv.quantization
-        meta["format_metadata"] = conv.format_metadata
-        meta["reproducibility"] = ({"byte_identical": True} if caps.not_byte_identical is None
-                                   else {"byte_identical": False, "tool": caps.convert_requires[0], "why": caps.not_byte_identical})
-        from edge.parity import load_gates
-
-        reason = caps.runs_here()
-        meta["gates"] = load_gates(target, precision)
-        write_metadata(tmp, meta)
-        if reason is None:
-            from edge.parity_cli import run_parity
-
-            if progress:
-                print("  - parity against the FP32 reference on the built-in pictures", file=sys.stderr)
-            runner = attach_mesh_decoder(mod.load_runner(tmp, meta), tmp, meta)
-            summary, *_ = run_parity(tmp, runner=runner, reference_model_obj=model)
-            meta["parity"] = {k: v for k, v in summary.items() if k != "gates"}
-            meta["parity"]["runner"] = runner.name
-        else:
-            meta["parity"] = {"passed": None, "not_run": reason}
-        meta["gates"] = load_gates(target, precision)
-        write_metadata(tmp, meta)
-        size_bytes = sum(path_bytes(tmp / f) for f in [conv.model_file, *extra])
-    return ConvertResult(out, target, precision, size_bytes, time.perf_counter() - t0, meta["parity"], replaced)
+        print("  - parity against the FP32 reference on the built-in pictures", file=sys.stderr)
+    runner = attach_mesh_decoder(RUNNERS[meta["target"]].load_runner(folder, meta), folder, meta)
+    summary, *_ = run_parity(folder, runner=runner, reference_model_obj=model, meta=meta)
+    return {**{k: v for k, v in summary.items() if k != "gates"}, "runner": runner.name}

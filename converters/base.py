@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
+from edge.bundle import PRECISIONS
 from edge.errors import ConfigError
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8w")
 PRECISION_DOC = {
     "fp32": "float32 weights and compute",
     "fp16": "float16 weights (compute as the runtime chooses)",
@@ -73,16 +76,12 @@ class Converted:
     extra_files: list[str] = field(default_factory=list)
 
 
-def step(progress: bool, msg: str) -> None:
+def announce(progress: bool, msg: str) -> None:
     if progress:
-        import sys
-
         print(f"  - {msg}", file=sys.stderr, flush=True)
 
 
 def tool_version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -91,7 +90,6 @@ def tool_version(dist: str) -> str | None:
 
 def minimal_metadata(meta: dict) -> dict[str, str]:
     """The small copy of the metadata stored in the format's own slot (all values strings)."""
-    import json
 
     spec = meta["spec"]
     return {

@@ -6,13 +6,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from converters.base import PRECISIONS
+from converters.api import check_float_modules, convert, default_out
 from converters.bundle import check_destination
 from converters.registry import TARGET_MODULES, capabilities
 from edge.atomic import Terminated
-from edge.cli import setup_process
+from edge.bundle import PRECISIONS
+from edge.commands.args import input_size_arg, setup_process
 from edge.errors import ConfigError, EdgeError
 from edge.outputs import display
+from edge.quiet import set_verbose
 
 
 def _size(n: int) -> str:
@@ -30,8 +32,6 @@ def targets_table() -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from edge.cli import input_size_arg
-
     ap = argparse.ArgumentParser(prog="edge-convert", description="Convert RetinaFace-MobileNet-0.25 to an edge runtime bundle.")
     ap.add_argument("--target", choices=[*TARGET_MODULES, "all"], help="runtime to convert for")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -60,8 +60,6 @@ def main(argv=None) -> int:
     ap = make_parser()
     args = ap.parse_args(argv)
     if args.verbose:
-        from edge.quiet import set_verbose
-
         set_verbose(True)
         warnings.resetwarnings()
     if args.list:
@@ -69,7 +67,6 @@ def main(argv=None) -> int:
         return 0
     if not args.target:
         ap.error("--target is required (or --list)")
-    from converters.api import check_float_modules, convert, default_out
 
     results = []
     try:

@@ -16,9 +16,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from converters.base import Capabilities, ConvertOptions, Converted, step
+from converters.base import Capabilities, Converted, ConvertOptions, announce
 from edge.model import TupleOutputs
 
 CAPABILITIES = Capabilities(
@@ -58,8 +63,6 @@ class _Reader:
 
 
 def _set_metadata(path: Path, meta_min: dict[str, str]) -> None:
-    import onnx
-
     m = onnx.load(str(path))
     del m.metadata_props[:]
     for k, v in meta_min.items():
@@ -71,8 +74,6 @@ def _set_metadata(path: Path, meta_min: dict[str, str]) -> None:
 def _attr(node, name: str, default):
     for a in node.attribute:
         if a.name == name:
-            import onnx
-
             return onnx.helper.get_attribute_value(a)
     return default
 
@@ -84,8 +85,6 @@ def qdq_from_pt2e(m) -> dict:
     clip); each convolution's float bias becomes int32 at input scale x weight scale behind its own
     DequantizeLinear; int8 per-tensor activations become uint8 (zero point + 128, the same real values).
     -> counts of what was rewritten."""
-    import onnx
-    from onnx import helper, numpy_helper
 
     g = m.graph
     inits = {i.name: i for i in g.initializer}
@@ -158,7 +157,6 @@ def qdq_from_pt2e(m) -> dict:
 
 def export_qat(qat, spec, path: Path, size: int) -> dict:
     """The PT2E QAT program -> ONNX QDQ at `path` (int8 weights, uint8 activations). -> qdq_from_pt2e's counts."""
-    import onnx
 
     x = torch.zeros(1, 3, size, size)
     with warnings.catch_warnings():
@@ -175,31 +173,24 @@ def export_qat(qat, spec, path: Path, size: int) -> dict:
 
 
 def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: dict[str, str]) -> Converted:
-    import onnx
-
     out = workdir / "model.onnx"
     fp32 = workdir / "fp32.onnx.tmp"
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
     if opts.precision == "int8" and opts.qat is not None:
-        step(opts.progress, "the QAT program (trained ranges, no calibration), torch.onnx.export, then int8 weights")
+        announce(opts.progress, "the QAT program (trained ranges, no calibration), torch.onnx.export, then int8 weights")
         counts = export_qat(opts.qat, spec, out, opts.input_size)
         quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> torch.onnx.export -> QDQ (int8 weights folded)",
                       "weights": "int8 per-channel symmetric", "activations": "uint8 per-tensor (ranges learnt in QAT)",
                       "rewritten": counts, "qat": opts.qat.report()})
     else:
-        step(opts.progress, "exporting with torch.onnx.export(dynamo=True)")
+        announce(opts.progress, "exporting with torch.onnx.export(dynamo=True)")
         export_fp32(model, spec, fp32 if opts.precision != "fp32" else out, opts.input_size)
     if opts.precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        step(opts.progress, "casting to float16")
+        announce(opts.progress, "casting to float16")
         m16 = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
         onnx.save(m16, str(out))
     elif opts.precision == "int8" and opts.qat is None:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        step(opts.progress, f"calibrating on {len(calib)} images and quantising (QDQ, per-channel)")
+        announce(opts.progress, f"calibrating on {len(calib)} images and quantising (QDQ, per-channel)")
         pre = workdir / "pre.onnx.tmp"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         quantize_static(
@@ -218,8 +209,6 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
 
 
 def op_summary(path: Path) -> dict:
-    import onnx
-
     m = onnx.load(str(path))
     counts: dict[str, int] = {}
     for n in m.graph.node:
@@ -229,7 +218,3 @@ def op_summary(path: Path) -> dict:
     return {"nodes": counts, "int8_conv_weights": int8_w, "fp16_conv_weights": fp16_w}
 
 
-def load_runner(bundle_dir: Path, meta: dict, threads: int | None = None):
-    from edge.runners import OnnxRunner
-
-    return OnnxRunner(str(bundle_dir / meta["model_file"]), threads=threads, name=f"onnxruntime-{meta['precision']}")

@@ -19,9 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters.base import Capabilities, ConvertOptions, Converted, step
+from converters.base import Capabilities, Converted, ConvertOptions, announce
+from edge.errors import ConfigError, ConversionError
 from edge.model import TupleOutputs
 from edge.quiet import native_output_quiet
+from edge.runners.tflite import TFLiteRunner, import_quietly, interpreter_class
+from quant.ptq import pt2e_calibrated, quantized_program
 
 CAPABILITIES = Capabilities(
     target="tflite",
@@ -40,7 +43,7 @@ METADATA_NAME = "retinaface_edge"
 
 
 def _convert_fp32(model, x: torch.Tensor, path: Path) -> None:
-    import litert_torch
+    import litert_torch  # optional: tflite extra
 
     with native_output_quiet():
         litert_torch.convert(TupleOutputs(model).eval(), (x,)).export(str(path))
@@ -48,12 +51,11 @@ def _convert_fp32(model, x: torch.Tensor, path: Path) -> None:
 
 def _convert_int8(model, calib, spec, path: Path, progress: bool) -> dict:
     """The full-integer route: (1, S, S, 3) int8 canvas in, int8 outputs."""
-    import litert_torch
-    from litert_torch.quantize.quant_config import QuantConfig
-    from quant.ptq import converted, pt2e_calibrated
+    import litert_torch  # optional: tflite extra
+    from litert_torch.quantize.quant_config import QuantConfig  # optional: tflite extra
 
     gm, quantizer = pt2e_calibrated(model, spec, calib, progress, full_integer=True)
-    gm = converted(gm, fold_quantize=False)
+    gm = quantized_program(gm, fold_quantize=False)
     x = torch.zeros(1, spec.input_size, spec.input_size, 3)
     with native_output_quiet():
         litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
@@ -95,7 +97,7 @@ def io_quantization(path: Path, output_names) -> dict:
 
 
 def _convert_fp16(src: Path, dst: Path) -> None:
-    from ai_edge_quantizer import quantizer
+    from ai_edge_quantizer import quantizer  # optional: tflite extra
 
     recipe = [{
         "regex": ".*", "operation": "*", "algorithm_key": "float_casting",
@@ -107,8 +109,8 @@ def _convert_fp16(src: Path, dst: Path) -> None:
 
 def _edit_flatbuffer(path: Path, edit) -> None:
     """Load the .tflite as ai-edge-litert's object model, let `edit(model)` change it, pack it back in place."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
+    import flatbuffers  # optional: tflite extra
+    from ai_edge_litert import schema_py_generated as schema  # optional: tflite extra
 
     buf = path.read_bytes()
     m = schema.ModelT.InitFromPackedBuf(bytearray(buf), 0)
@@ -124,7 +126,7 @@ def _edit_flatbuffer(path: Path, edit) -> None:
 
 def set_metadata(path: Path, meta_min: dict[str, str]) -> None:
     """Store the minimal metadata as a named buffer in the flatbuffer's `metadata` list."""
-    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert import schema_py_generated as schema  # optional: tflite extra
 
     def edit(m):
         b = schema.BufferT()
@@ -142,7 +144,7 @@ def uint8_input(path: Path) -> None:
     """Give a full-integer graph a uint8 input: the canvas as it is (scale 1, zero point 0), turned into the int8
     pixel - 128 that the graph starts from by one QUANTIZE op put first (what TensorFlow's converter does for
     `inference_input_type=tf.uint8`). Exact: the same scale on both sides, the zero points 128 apart."""
-    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert import schema_py_generated as schema  # optional: tflite extra
 
     def edit(m):
         g = m.subgraphs[0]
@@ -186,8 +188,8 @@ def uint8_input(path: Path) -> None:
     _edit_flatbuffer(path, edit)
 
 
-def read_metadata(path: Path) -> dict | None:
-    from ai_edge_litert import schema_py_generated as schema
+def embedded_metadata(path: Path) -> dict | None:
+    from ai_edge_litert import schema_py_generated as schema  # optional: tflite extra
 
     m = schema.ModelT.InitFromPackedBuf(bytearray(path.read_bytes()), 0)
     for e in m.metadata or []:
@@ -199,7 +201,7 @@ def read_metadata(path: Path) -> dict | None:
 def op_table(path: Path) -> dict[str, int]:
     """The graph's ops as "OP:input dtype->output dtype" -> count, read from the flatbuffer before any delegate
     is applied (ai-edge-litert's op details; the first input and output tensor stand for the op)."""
-    interp = _interpreter_class()[0](model_path=str(path), experimental_op_resolver_type=_builtin_resolver())
+    interp = interpreter_class()[0](model_path=str(path), experimental_op_resolver_type=_builtin_resolver())
     interp.allocate_tensors()
     tensors = interp.get_tensor_details()
     counts: dict[str, int] = {}
@@ -215,7 +217,7 @@ def op_table(path: Path) -> dict[str, int]:
 
 
 def _builtin_resolver():
-    from ai_edge_litert.interpreter import OpResolverType
+    from ai_edge_litert.interpreter import OpResolverType  # optional: tflite extra
 
     return OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
 
@@ -224,29 +226,19 @@ def op_summary(path: Path) -> dict:
     return {"ops": op_table(path)}
 
 
-def _import_quietly() -> None:
-    """Import the converter stack with its native start-up notices held back (absl's "All log messages before
-    absl::InitializeLog()", TensorFlow's oneDNN notice: printed on import, whatever TF_CPP_MIN_LOG_LEVEL says)."""
-    with native_output_quiet():
-        import litert_torch  # noqa: F401
-        from litert_torch.quantize import pt2e_quantizer  # noqa: F401
-
-
 def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: dict[str, str]) -> Converted:
-    _import_quietly()
+    import_quietly()
     out = workdir / "model.tflite"
     x = torch.zeros(1, 3, opts.input_size, opts.input_size)
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
     if opts.precision == "int8" and opts.float_modules:
-        from edge.errors import ConfigError
-
         raise ConfigError("--float-modules: TFLite int8 is a full-integer graph (NPU-ready); it has no float modules")
     if opts.precision == "int8" and opts.qat is not None:
-        import litert_torch
-        from litert_torch.quantize.quant_config import QuantConfig
+        import litert_torch  # optional: tflite extra
+        from litert_torch.quantize.quant_config import QuantConfig  # optional: tflite extra
 
         full = getattr(opts.qat, "full_integer", False)
-        step(opts.progress, "the QAT program (trained ranges, no calibration), then litert_torch.convert" + (" (full-integer)" if full else ""))
+        announce(opts.progress, "the QAT program (trained ranges, no calibration), then litert_torch.convert" + (" (full-integer)" if full else ""))
         xq = torch.zeros(1, opts.input_size, opts.input_size, 3) if full else x
         with native_output_quiet():
             litert_torch.convert(opts.qat.finalize(), (xq,), quant_config=QuantConfig(pt2e_quantizer=opts.qat.quantizer)).export(str(out))
@@ -257,14 +249,14 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         if full:
             quant["graph"] = "full-integer: BGR canvas in (NHWC, normalised inside the model), int8 out"
     elif opts.precision == "int8":
-        step(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert (full-integer)")
+        announce(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert (full-integer)")
         quant.update(_convert_int8(model, calib, spec, out, opts.progress))
     else:
-        step(opts.progress, "litert_torch.convert")
+        announce(opts.progress, "litert_torch.convert")
         tmp = workdir / "fp32.tflite.tmp"
         _convert_fp32(model, x, tmp if opts.precision == "fp16" else out)
         if opts.precision == "fp16":
-            step(opts.progress, "float16 weights")
+            announce(opts.progress, "float16 weights")
             _convert_fp16(tmp, out)
             tmp.unlink()
     set_metadata(out, meta_min)
@@ -273,118 +265,10 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     quant["float_compute_ops"] = float_compute_ops(quant["ops"])
     quant["full_integer"] = opts.precision == "int8" and not quant["float_compute_ops"]
     if opts.precision == "int8" and (opts.qat is None or getattr(opts.qat, "full_integer", False)) and quant["float_compute_ops"]:
-        from edge.errors import ConversionError
-
         raise ConversionError(f"the int8 graph kept float compute ops: {quant['float_compute_ops']}")
     return Converted("model.tflite", quant, "TFLite metadata buffer 'retinaface_edge'")
-
-
-def _interpreter_class():
-    """(Interpreter class, runtime name): ai-edge-litert, else tflite-runtime, else tensorflow.lite."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter, "ai-edge-litert"
-    except ImportError:
-        pass
-    try:
-        from tflite_runtime.interpreter import Interpreter  # type: ignore
-
-        return Interpreter, "tflite-runtime"
-    except ImportError:
-        pass
-    try:
-        import tensorflow as tf  # type: ignore
-
-        return tf.lite.Interpreter, "tensorflow.lite"
-    except ImportError:
-        pass
-    from edge.errors import BundleError
-
-    raise BundleError("no TFLite runtime: pip install ai-edge-litert (or tflite-runtime, or tensorflow)")
-
-
-def quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
-    """A float32 input as the interpreter's input tensor `detail` takes it (quantised if the model is)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if detail["dtype"] != np.float32:
-        scale, zp = detail["quantization"]
-        info = np.iinfo(detail["dtype"])
-        x = np.clip(np.round(x / scale) + zp, info.min, info.max).astype(detail["dtype"])
-    return x
 
 
 CANVAS_FORMAT = "bgr_pixels_nhwc"  # the input is the BGR canvas itself, normalised inside the model
 
 
-class TFLiteRunner:
-    """Runs a .tflite. `__call__` takes the (1, 3, H, W) float32 normalised tensor; quantised inputs and outputs are
-    (de)quantised here. A full-integer bundle's model takes the (1, H, W, 3) BGR canvas itself (`canvas_input`):
-    `run_image` hands it the uint8 canvas (as int8, pixel - 128: exact), and `__call__` turns the tensor back
-    into pixels (x * std + mean, rounded: exact for a canvas, the nearest integer pixel for a resized image)."""
-
-    def __init__(self, path: str | Path, output_names, threads: int | None = None, name: str = "tflite", mean=None, std=None):
-        cls, runtime = _interpreter_class()
-        with native_output_quiet(litert=False):  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-            self.interp = cls(model_path=str(path), num_threads=threads) if threads else cls(model_path=str(path))
-            self.interp.allocate_tensors()
-        self.inp = self.interp.get_input_details()[0]
-        sig = self.interp.get_signature_list()
-        if sig:
-            # signature outputs output_0.. follow the exported tuple, i.e. spec.output_names
-            key = next(iter(sig))
-            details = self.interp.get_signature_runner(key).get_output_details()
-            self.outs = [details[n] for n in sig[key]["outputs"]]
-        else:
-            self.outs = self.interp.get_output_details()
-        if len(self.outs) != len(output_names):
-            from edge.errors import BundleError
-
-            raise BundleError(f"{Path(path).name}: {len(self.outs)} outputs, the contract names {len(output_names)}")
-        self.output_names = list(output_names)
-        self.runtime = runtime
-        self.name = f"{name} ({runtime})"
-        shape = self.inp["shape"]
-        self.canvas_input = len(shape) == 4 and shape[-1] == 3 and self.inp["dtype"] in (np.int8, np.uint8)
-        if self.canvas_input and tuple(self.inp["quantization"]) not in ((1.0, -128), (1.0, 0)):
-            from edge.errors import BundleError
-
-            raise BundleError(f"{Path(path).name}: a canvas input must have scale 1 (pixels as integers), got {self.inp['quantization']}")
-        from edge.contract import ModelSpec
-
-        self.mean = np.asarray(ModelSpec().mean if mean is None else mean, np.float32)
-        self.std = np.asarray(ModelSpec().std if std is None else std, np.float32)
-        self.takes_pixels = self.canvas_input  # the pipeline hands over a rounded canvas for a resized image too
-        if not self.canvas_input:
-            self.run_image = None  # the pipeline then hands over the normalised tensor
-
-    def run_image(self, canvas: np.ndarray) -> dict[str, np.ndarray]:
-        if canvas.ndim != 4 or canvas.shape[-1] != 3 or canvas.dtype != np.uint8:
-            raise ValueError(f"run_image takes a (1, H, W, 3) uint8 BGR canvas, got {canvas.dtype} {canvas.shape}")
-        if self.inp["dtype"] == np.int8:
-            canvas = (canvas ^ np.uint8(0x80)).view(np.int8)  # pixel - 128, exactly
-        return self._run(np.ascontiguousarray(canvas))
-
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        if self.canvas_input:
-            pixels = np.rint(x[0].transpose(1, 2, 0) * self.std + self.mean)
-            return self.run_image(np.clip(pixels, 0, 255).astype(np.uint8)[None])
-        return self._run(quantize_input(x, self.inp))
-
-    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        self.interp.set_tensor(self.inp["index"], x)
-        self.interp.invoke()
-        res = {}
-        for name, o in zip(self.output_names, self.outs):
-            v = self.interp.get_tensor(o["index"])
-            if o["dtype"] != np.float32:
-                scale, zp = o["quantization"]
-                v = (v.astype(np.float32) - zp) * scale
-            res[name] = v.astype(np.float32, copy=False)
-        return res
-
-
-def load_runner(bundle_dir: Path, meta: dict, threads: int | None = None):
-    spec = meta["spec"]
-    return TFLiteRunner(bundle_dir / meta["model_file"], spec["output_names"], threads, name=f"tflite-{meta['precision']}",
-                        mean=spec.get("mean"), std=spec.get("std"))

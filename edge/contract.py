@@ -6,7 +6,7 @@ Everything downstream (pipeline, converters, parity, evaluators, benchmarks) rea
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 STRIDES = (8, 16, 32)

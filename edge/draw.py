@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageDraw
 
+from edge.mesh import mesh_edges
 from edge.postprocess import Detections
 
 LANDMARK_COLOURS = [(255, 0, 0), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 128, 255)]
@@ -10,13 +12,10 @@ LANDMARK_COLOURS = [(255, 0, 0), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 
 
 def draw_detections(image_bgr: np.ndarray, dets: list[tuple[Detections, tuple[int, int, int]]], scores: bool = True):
     """image_bgr (H, W, 3) uint8; dets: (detections, RGB colour) pairs drawn in order. Returns a PIL RGB image."""
-    from PIL import Image, ImageDraw
 
     img = Image.fromarray(np.ascontiguousarray(image_bgr[..., ::-1]))
     edges = None
     if any(det.mesh is not None and det.mesh.shape[1] == 468 for det, _ in dets):
-        from edge.mesh import mesh_edges  # the MediaPipe tessellation (cached wheel)
-
         edges = mesh_edges()
     d = ImageDraw.Draw(img)
     lw = max(1, round(max(img.size) / 800))
@@ -55,7 +54,6 @@ def face_crop(image_bgr: np.ndarray, box, faces: list[tuple[Detections, tuple[in
     """A square crop around `box` (x1, y1, x2, y2), `margin` of its size on each side, resized to size x size, with
     `faces` (each one face, as Detections of length 1, and its RGB colour) drawn on it: box, landmarks and mesh,
     which are legible at this scale. Returns a PIL RGB image."""
-    from PIL import Image
 
     x1, y1, x2, y2 = (float(v) for v in box)
     side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
@@ -70,3 +68,4 @@ def face_crop(image_bgr: np.ndarray, box, faces: list[tuple[Detections, tuple[in
     big = np.asarray(Image.fromarray(canvas).resize((size, size), Image.BICUBIC))
     k = size / n
     return draw_detections(big, [(moved(d, (x0, y0), k), c) for d, c in faces], scores=False)
+

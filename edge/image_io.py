@@ -11,17 +11,16 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edge.errors import ImageError, ImageWarning
-from edge.outputs import display
+from edge.outputs import IMAGE_SUFFIXES, display
 
 # Decompression-bomb guard: images declaring more pixels than this are refused before decoding.
 MAX_PIXELS = 64_000_000
 
 
 def _to_rgb(img, name: str):
-    from PIL import Image
-
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(img, dtype=np.float64)
@@ -50,7 +49,6 @@ def _to_rgb(img, name: str):
 def load_image(path: str | Path) -> np.ndarray:
     """Read an image file -> BGR uint8 (H, W, 3). Applies EXIF orientation; converts grayscale,
     16-bit, palette, CMYK and alpha images to 8-bit BGR."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     name = display(path.name)
@@ -157,3 +155,9 @@ def check_image_array(image: np.ndarray, name: str = "image") -> np.ndarray:
     elif a.shape[2] == 4:
         a = a[..., :3]
     return np.ascontiguousarray(a)
+
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Every image file under `folder` (recursively, by suffix), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

@@ -6,6 +6,8 @@ concatenation of unlike heads, no NMS, no train/inference branching.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -249,7 +251,6 @@ def integer_graph_form(model: RetinaFace) -> RetinaFace:
     """A copy of `model` computing the same function, bit for bit, in the form whose int8 TFLite graph XNNPACK
     runs as one partition: the FPN upsamples by copies (`upsample2x_by_copies`) and each SSH applies its ReLU
     per branch. Parameters are copied; the original is untouched."""
-    import copy
 
     m = copy.deepcopy(model)
     for mod in m.modules():

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from edge.errors import OutputError
 
-# Raster formats Pillow writes (and every viewer opens): `--draw` needs one of these suffixes.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# Raster formats Pillow writes (and every viewer opens): `--draw` needs one of these suffixes.
 
 
 def display(path) -> str:

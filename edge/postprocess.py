@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.anchors import decode_boxes, decode_points
+from edge.mesh import MESH68
 
 
 @dataclass
@@ -46,8 +47,6 @@ class Detections:
             if self.mesh is not None:
                 f["mesh"] = [[round(float(v), 2) for v in p] for p in self.mesh[i]]
                 if self.mesh.shape[1] == 468:
-                    from edge.mesh import MESH68
-
                     f["mesh68"] = [[round(float(v), 2) for v in p] for p in self.mesh[i][MESH68]]
             faces.append(f)
         return faces

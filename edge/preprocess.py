@@ -5,6 +5,10 @@ Two modes, from `ModelSpec.input_size`:
   None ("native"): the image at its own size, padded bottom/right to a multiple of 32.
 Padding holds the mean colour, i.e. zeros after normalisation.
 
+This is the one pre-processing path: detection (`prepare`), golden outputs and calibration (`letterbox_uint8`,
+`normalise`) and training (`letterbox_float`) share the geometry (`fit`) and the normalisation. The device code
+(`targets/common/edgecheck.py`) keeps a numpy mirror of it; `tests/test_device_suite.py` proves them equal.
+
 The resize is numpy; where OpenCV is importable its float32 INTER_LINEAR resize is used instead: the same
 taps (half-pixel centres, no antialiasing, edge pixels repeated), measured equal to the numpy result and
 about 7x faster (720x1280 -> 360x640: 0.5 ms against 3.6 ms), which was most of the end-to-end time of
@@ -140,6 +144,17 @@ def round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
+def fit(h: int, w: int, size: int) -> tuple[float, int, int]:
+    """The letterbox geometry: (scale, new h, new w) with the long side at `size` (every path uses this)."""
+    scale = size / max(h, w)
+    return scale, max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def normalise(canvas: np.ndarray, mean, std) -> np.ndarray:
+    """(H, W, 3) BGR canvas (uint8 or float32) -> (1, 3, H, W) float32 (pixel - mean) / std."""
+    return _normalised(canvas, canvas.shape[:2], mean, std)
+
+
 def _normalised(resized: np.ndarray, canvas_hw: tuple[int, int], mean, std) -> np.ndarray:
     """(h, w, 3) image -> (1, 3, H, W) float32 (pixel - mean) / std, placed top-left, zeros around it."""
     nh, nw = resized.shape[:2]
@@ -176,9 +191,26 @@ def prepare(image_bgr: np.ndarray, spec: ModelSpec) -> Prepared:
         size = spec.input_size
         if size % spec.pad_multiple:
             raise ValueError(f"input size {size} is not a multiple of {spec.pad_multiple}")
-        scale = size / max(h, w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        scale, nh, nw = fit(h, w, size)
         ch = cw = size
         # already the right size: no float copy, the subtraction converts (exact for uint8)
         resized = image_bgr if (nh, nw) == (h, w) else resize_bilinear(image_bgr, nh, nw)
     return Prepared(None, scale, (0.0, 0.0), (h, w), resized=resized, canvas_hw=(ch, cw), mean=spec.mean, std=spec.std)
+
+
+def letterbox_uint8(image_bgr: np.ndarray, size: int, mean) -> np.ndarray:
+    """BGR uint8 (H, W, 3) -> (size, size, 3) uint8: long side to `size`, top-left, padded with the mean colour."""
+    _, nh, nw = fit(*image_bgr.shape[:2], size)
+    canvas = np.empty((size, size, 3), np.uint8)
+    canvas[:] = np.round(np.asarray(mean)).astype(np.uint8)
+    canvas[:nh, :nw] = np.clip(resize_bilinear(image_bgr, nh, nw) + 0.5, 0, 255).astype(np.uint8)
+    return canvas
+
+
+def letterbox_float(image_bgr: np.ndarray, size: int, mean) -> tuple[np.ndarray, float]:
+    """BGR (H, W, 3) -> ((size, size, 3) float32 letterboxed canvas, scale): the resized pixels unrounded (training)."""
+    scale, nh, nw = fit(*image_bgr.shape[:2], size)
+    x = np.empty((size, size, 3), np.float32)
+    x[:] = mean
+    x[:nh, :nw] = resize_bilinear(image_bgr, nh, nw)
+    return x, scale

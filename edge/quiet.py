@@ -84,7 +84,7 @@ def native_output_quiet(litert: bool = True):
 def _litert_console():
     """litert-torch's rich console (its progress lines), where litert-torch is installed."""
     try:
-        from litert_torch import progress
+        from litert_torch import progress  # optional: tflite extra
     except ImportError:
         return None
     return progress.console

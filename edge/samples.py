@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
 from edge.image_io import load_image
-from edge.preprocess import resize_bilinear
+from edge.preprocess import letterbox_uint8, resize_bilinear
 
 
 def grace_hopper_path() -> Path:
-    import matplotlib
-
     p = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     if not p.is_file():
         raise FileNotFoundError(f"matplotlib's sample photograph is missing: {p}")
@@ -56,3 +55,12 @@ def scene(seed: int = 0, size: tuple[int, int] = (720, 1280), faces: int = 7) ->
         patch = patch * rng.uniform(0.7, 1.2) + rng.uniform(-20, 20)
         canvas[y:y + side, x:x + side] = patch
     return np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
+
+
+def parity_images(size: int, mean) -> tuple[np.ndarray, list[str]]:
+    """The fixed parity set stored in every bundle: built-in pictures only, letterboxed uint8."""
+
+    imgs = [("grace_hopper", grace_hopper()), ("scene_a", scene(11, (720, 1280), 8)), ("scene_b", scene(12, (1080, 1080), 10)),
+            ("scene_c", scene(13, (720, 1280), 12)), ("scene_d", scene(14, (1280, 960), 10))]
+    return np.stack([letterbox_uint8(im, size, mean) for _, im in imgs]), [n for n, _ in imgs]
+

@@ -7,6 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from edge.train.multibox import multibox_loss
+from quant.features import feature_loss
+
 
 def distill_loss(s: dict, t: dict, conf_thresh: float = 0.5) -> tuple[torch.Tensor, dict]:
     s_face, t_face = s["conf"][..., 1].clamp(1e-6, 1 - 1e-6), t["conf"][..., 1]
@@ -24,3 +27,32 @@ def distill_loss(s: dict, t: dict, conf_thresh: float = 0.5) -> tuple[torch.Tens
         loss = loss + mesh
         parts["mesh"] = mesh.item()
     return loss, parts
+
+
+def student_step(teacher, pri, loss_cfg, distill_weight: float, use_gt: bool, features: dict | None = None):
+    """Loss of one batch: distillation from the FP32 teacher (soft scores everywhere; boxes, landmarks and mesh
+    codes where the teacher is confident) plus, with labels, the multi-task loss on ground truth (hard negatives).
+    features: {"teacher": FeatureTaps, "student": FeatureTaps or None, "weight": w}: adds w x the feature-map
+    loss (quant.features) while a student's taps are set."""
+
+    def step(m, batch, device):
+        x, targets = batch
+        x = x.to(device)
+        out = m(x)
+        with torch.no_grad():
+            t = teacher(x)
+        loss, parts = distill_loss(out, t)
+        loss = distill_weight * loss
+        if features is not None:
+            t_feats = features["teacher"].pop()
+            if features["student"] is not None:
+                fl, fp = feature_loss(features["student"].pop(), t_feats)
+                loss = loss + features["weight"] * fl
+                parts = {**parts, **fp}
+        if use_gt:
+            gl, gp = multibox_loss(out, [{k: v.to(device) for k, v in tg.items()} for tg in targets], pri.to(device), loss_cfg)
+            loss = loss + gl
+            parts = {**parts, **{f"gt_{k}": v for k, v in gp.items()}}
+        return loss, parts
+
+    return step

@@ -15,11 +15,22 @@ import argparse
 import sys
 
 import numpy as np
+import torch
+
+from edge.atomic import write_json
+from edge.bundle import read_metadata
+from edge.contract import ModelSpec
+from edge.errors import EdgeError
+from edge.image_io import load_image
+from edge.outputs import check_args
+from edge.preprocess import prepare
+from edge.runners.tflite import quantize_input
+from quant.ptq import module_path
+from quant.qat import load_qat
 
 
 def _leaky_quantisers(gm) -> list[tuple[str, str]]:
     """(module path, fake-quantiser name) of each LeakyReLU's output quantiser, in graph order."""
-    from quant.ptq import module_path
 
     out = []
     for node in gm.graph.nodes:
@@ -34,12 +45,8 @@ def leaky_divergence(qat_path, tflite_path, tensor: np.ndarray, builtin: bool = 
     """tensor: one pre-processed input (1, 3, S, S) at the bundle's input size S. -> one row per LeakyReLU matched
     in the TFLite model: name, shape, rel_rms (relative RMS difference), off (fraction of values more than half a
     step apart), max_steps."""
-    import torch
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    from torchao.quantization.pt2e import disable_observer
-
-    from converters.tflite_target import quantize_input
-    from quant.qat import load_qat
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # optional: tflite extra
+    from torchao.quantization.pt2e import disable_observer  # optional: tflite/train extra
 
     q, _ = load_qat(qat_path, tensor.shape[-1])
     q.gm.apply(disable_observer)
@@ -77,8 +84,6 @@ def leaky_divergence(qat_path, tflite_path, tensor: np.ndarray, builtin: bool = 
 
 
 def main(argv=None) -> int:
-    from edge.errors import EdgeError
-
     p = argparse.ArgumentParser(prog="python -m quant.divergence", description=__doc__.split("\n\n")[0])
     p.add_argument("qat", help="the QAT checkpoint the bundle was converted from (edge compress ... qat.pth)")
     p.add_argument("bundle", help="its int8 TFLite bundle (edge-convert --target tflite --precision int8 --weights QAT)")
@@ -86,13 +91,6 @@ def main(argv=None) -> int:
     p.add_argument("--builtin", action="store_true", help="TFLite's built-in kernels instead of the XNNPACK delegate")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from converters.bundle import read_metadata
-    from edge.contract import ModelSpec
-    from edge.image_io import load_image
-    from edge.preprocess import prepare
-
-    from edge.atomic import write_json
-    from edge.outputs import check_args
 
     try:
         check_args(args, files=("json",))

@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from edge.errors import ConfigError
+from quant.ptq import module_path
+
 
 class _Tap(nn.Module):
     """Records its input under `name` and returns it unchanged (no state: the program's state_dict is unchanged)."""
@@ -29,7 +32,6 @@ class _Tap(nn.Module):
 def _graph_output_node(gm: fx.GraphModule, name: str) -> fx.Node:
     """The node that computes module `name`'s output in an exported program: its last node in graph order,
     or the fake-quantiser that reads it."""
-    from quant.ptq import module_path
 
     last = None
     for node in gm.graph.nodes:
@@ -100,7 +102,6 @@ def feature_widths(model: nn.Module, names, size: int = 64) -> dict[str, tuple[i
 def student_taps(model: nn.Module, names, teacher_widths: dict, program: nn.Module | None = None) -> FeatureTaps:
     """Taps on the student (`program`: its QAT program, else the float model itself), once its maps have the
     teacher's shapes (teacher_widths: feature_widths of the teacher); ConfigError naming the first that differs."""
-    from edge.errors import ConfigError
 
     widths = feature_widths(model, names)
     for name in names:

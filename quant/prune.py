@@ -6,13 +6,14 @@ counts run slower than the unpruned model).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
 from torch import nn
 
 from edge.model import RetinaFace, TupleOutputs
-from quant.config import HEADS, ModuleConfigs, PruneConfig, PruneOpConfig  # noqa: F401 - PruneOpConfig re-exported
+from quant.config import HEADS, ModuleConfigs, PruneConfig, PruneOpConfig
 
 
 class Pruner:
@@ -26,7 +27,7 @@ class Pruner:
         self.stage, self._pruner, self._before, self.history = 0, None, None, []
 
     def prepare(self) -> RetinaFace:
-        import torch_pruning as tp
+        import torch_pruning as tp  # optional: train extra
 
         cfg = self.config
         m = self.model.eval()
@@ -52,7 +53,7 @@ class Pruner:
     def step(self, backward=None) -> dict:
         """One pruning stage. backward: for Taylor importance, a callable that backpropagates a loss through
         the model (gradients are read, then cleared)."""
-        import torch_pruning as tp
+        import torch_pruning as tp  # optional: train extra
 
         if self._pruner is None:
             raise RuntimeError("call prepare() first")
@@ -111,7 +112,6 @@ def stage_config(reference: RetinaFace, current: RetinaFace, ratio: float, impor
 
 def compress(model: RetinaFace, config: PruneConfig | float, size: int = 640) -> tuple[RetinaFace, dict]:
     """Post-training pruning of a copy of `model` (all stages at once). -> (pruned model, report)."""
-    import copy
 
     if not isinstance(config, PruneConfig):
         config = PruneConfig.uniform(float(config))
@@ -121,19 +121,3 @@ def compress(model: RetinaFace, config: PruneConfig | float, size: int = 640) ->
     return pruned, p.report()
 
 
-def shrink_to(model: RetinaFace, state: dict[str, torch.Tensor]) -> RetinaFace:
-    """Resize every conv and batch norm of `model` to the shapes in `state` (a pruned checkpoint), in place."""
-    for name, mod in list(model.named_modules()):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(mod, nn.Conv2d) and f"{name}.weight" in state:
-            w = state[f"{name}.weight"]
-            out_ch, in_per_group = w.shape[0], w.shape[1]
-            depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
-            groups = out_ch if depthwise else 1
-            new = nn.Conv2d(in_per_group * groups, out_ch, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups,
-                            bias=mod.bias is not None)
-            setattr(parent, attr, new)
-        elif isinstance(mod, nn.BatchNorm2d) and f"{name}.weight" in state:
-            setattr(parent, attr, nn.BatchNorm2d(state[f"{name}.weight"].shape[0], eps=mod.eps, momentum=mod.momentum))
-    return model

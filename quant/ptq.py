@@ -5,11 +5,13 @@ network), int8 per-tensor activations from histogram observers over the calibrat
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from edge.model import TupleOutputs, integer_graph_form
-
 
 # litert-torch's configs floor every scale at 2**-12. The first convolution sees raw pixels (mean subtracted,
 # not divided): its weights are ~1e-3, per-channel scales ~1e-5, so that floor left 1 to 20 int8 levels per
@@ -19,16 +21,15 @@ WEIGHT_SCALE_EPS = 2.0 ** -24
 
 def quantization_config(per_channel: bool = True, qat: bool = False):
     """litert-torch's symmetric int8 config (per-channel weights, per-tensor activations), weight scale floor lowered."""
-    import dataclasses
 
-    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
+    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config  # optional: tflite extra
 
     cfg = get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat)
     w = cfg.weight
     ctr = w.observer_or_fake_quant_ctr.p  # the observer (or fake-quantize) class and its arguments
     kwargs = {**ctr.keywords, "eps": WEIGHT_SCALE_EPS}
     if qat:  # the fused fake-quantize op floors scales at 2**-14 on its own: the plain one asks its observer
-        from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+        from torchao.quantization.pt2e.fake_quantize import FakeQuantize  # optional: tflite/train extra
 
         ctr = FakeQuantize.with_args(**kwargs)
     else:
@@ -49,7 +50,7 @@ def pt2e_quantizer(float_modules=(), qat: bool = False, per_channel: bool = True
     """litert-torch's PT2E quantizer with our config; the modules named in float_modules (model-relative names,
     e.g. "body.stage1", with everything under them) are left unannotated, so they stay float: the converters
     put a dequantize before them and a quantize after. (litert-torch 0.10 refuses set_module_name(name, None).)"""
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer  # optional: tflite extra
 
     float_modules = tuple(float_modules)
 
@@ -66,13 +67,12 @@ def pt2e_quantizer(float_modules=(), qat: bool = False, per_channel: bool = True
 
 
 def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=(), full_integer: bool = False):
-    """-> (prepared-and-observed GraphModule, quantizer). Finish with `converted` (fold_quantize=False
+    """-> (prepared-and-observed GraphModule, quantizer). Finish with `quantized_program` (fold_quantize=False
     for litert-torch, True for coremltools). float_modules stay float (see pt2e_quantizer).
 
     full_integer: the graph of `CanvasInput(integer_graph_form(model))`, annotated by `full_integer_quantizer`:
     its input is the (1, S, S, 3) BGR canvas (uint8 values as float32) and every op is int8 once converted."""
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-    from tqdm import tqdm
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e  # optional: tflite/train extra
 
     size = spec.input_size
     if full_integer:
@@ -137,9 +137,16 @@ def full_integer_quantizer(qat: bool = False):
     - the softmax output takes TFLite's fixed int8 quantisation (1/256, -128);
     - the input is fixed at scale 1, zero point -128 (`PIXEL_QPARAMS`), shared through the NHWC -> NCHW permute
       into the normalising convolution, so pixels enter the graph exactly."""
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
-    from litert_torch.quantize.pt2e_quantizer_utils import get_input_act_qspec, get_output_act_qspec
-    from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer  # optional: tflite extra
+    from litert_torch.quantize.pt2e_quantizer_utils import (  # optional: tflite extra
+        get_input_act_qspec,
+        get_output_act_qspec,
+    )
+    from torchao.quantization.pt2e.quantizer import (
+        FixedQParamsQuantizationSpec,
+        QuantizationAnnotation,
+        SharedQuantizationSpec,
+    )  # optional: tflite/train extra
 
     cfg = quantization_config(True, qat=qat)
     act_in, act_out = get_input_act_qspec(cfg), get_output_act_qspec(cfg)
@@ -196,10 +203,10 @@ def full_integer_quantizer(qat: bool = False):
     return FullInteger().set_global(cfg)
 
 
-def converted(gm, fold_quantize: bool):
+def quantized_program(gm, fold_quantize: bool):
     """convert_pt2e, then put the graph in eval mode (exported graphs carry no .eval(); torchao's helper does it)."""
-    from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+    from torchao.quantization.pt2e import move_exported_model_to_eval  # optional: tflite/train extra
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e  # optional: tflite/train extra
 
     gm = move_exported_model_to_eval(convert_pt2e(gm, fold_quantize=fold_quantize))
     # torch 2.13's exported modules refuse .eval(); the ops are now in eval form, so record it for

@@ -21,21 +21,24 @@ from the converted model (see quant.ptq.WEIGHT_SCALE_EPS; weights now use the pl
 """
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from edge.errors import WeightsError
 from edge.model import TupleOutputs, integer_graph_form
+from edge.weights.load import load_weights
 from quant.config import QuantConfig
-from quant.ptq import CanvasInput, full_integer_quantizer, pt2e_quantizer, quantization_config
+from quant.ptq import CanvasInput, full_integer_quantizer, pt2e_quantizer, quantization_config, quantized_program
 
 
 @contextmanager
 def _module_patterns():
     """litert-torch 0.10's conv-BN annotator (QAT only) exports a bare function with torch.export, which
     torch 2.13 refuses (it takes modules); wrap such patterns in a module while preparing."""
-    import litert_torch.quantize.pt2e_quantizer_utils as utils
+    import litert_torch.quantize.pt2e_quantizer_utils as utils  # optional: tflite extra
 
     orig = utils._get_aten_graph_module_for_pattern
 
@@ -182,8 +185,8 @@ class QATQuantizer:
 
     def prepare(self) -> NamedOutputs:
         """-> the fake-quantised model (named outputs), ready to train."""
-        from torchao.quantization.pt2e import move_exported_model_to_eval
-        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+        from torchao.quantization.pt2e import move_exported_model_to_eval  # optional: tflite/train extra
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e  # optional: tflite/train extra
 
         g = self.config.global_config
         if g is None or g.activation_bits is None:
@@ -286,7 +289,7 @@ class QATQuantizer:
     def step(self, n: int | None = None) -> None:
         """Call after each optimiser step (n: the step count, when resuming): the observers' ranges are frozen
         once observe_steps steps are done."""
-        from torchao.quantization.pt2e import disable_observer
+        from torchao.quantization.pt2e import disable_observer  # optional: tflite/train extra
 
         self.steps = self.steps + 1 if n is None else n
         for wrapper in getattr(self, "learned", {}).values():
@@ -308,10 +311,9 @@ class QATQuantizer:
     def finalize(self, fold_quantize: bool = False):
         """-> the converted program with quantize/dequantize pairs: weights not folded for litert-torch,
         `ov.convert_model` and the ONNX export; folded to int8 constants for coremltools."""
-        from quant.ptq import converted
 
         self.write_back()
-        return converted(self.gm, fold_quantize=fold_quantize)
+        return quantized_program(self.gm, fold_quantize=fold_quantize)
 
     def report(self) -> dict:
         fq = sum(1 for m in self.gm.modules() if type(m).__name__.endswith("FakeQuantize")) if self.gm is not None else 0
@@ -341,7 +343,7 @@ class NNCFQATQuantizer:
     def prepare(self, tensors=None, config: dict | None = None) -> nn.Module:
         """tensors: calibration inputs ((1, 3, H, W) float32 arrays) for a new model; config: nncf.torch.get_config
         of a trained one, to rebuild it (then load its state). -> the fake-quantised model (named outputs)."""
-        import nncf
+        import nncf  # optional: openvino extra
 
         wrapped = TupleOutputs(self.model.eval())
         if config is not None:
@@ -357,7 +359,7 @@ class NNCFQATQuantizer:
         return self.net
 
     def config(self) -> dict:
-        import nncf
+        import nncf  # optional: openvino extra
 
         return nncf.torch.get_config(self.quantized)
 
@@ -383,10 +385,6 @@ def load_qat(path, size: int):
     ranges and weights, float model): QATQuantizer (PT2E) or NNCFQATQuantizer, as the checkpoint says.
     The fake-quantised model is rebuilt from the float model and its state loaded: per-tensor ranges do
     not depend on the input size."""
-    import json
-
-    from edge.errors import WeightsError
-    from edge.weights import load_weights
 
     ck = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ck, dict) or not isinstance(ck.get("qat_state"), dict):

@@ -3,6 +3,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from converters.api import convert
+from edge.image_io import load_image
+from edge.weights.load import load_weights
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
@@ -16,22 +20,16 @@ def shared() -> Path:
 
 @pytest.fixture(scope="session")
 def default_model():
-    from edge.weights import load_weights
-
     return load_weights("default")
 
 
 @pytest.fixture(scope="session")
 def shared_model(shared):
-    from edge.weights import load_weights
-
     return load_weights(shared / "weights" / "mobilenet0.25_Final.pth")
 
 
 @pytest.fixture(scope="session")
 def group_image(shared) -> np.ndarray:
-    from edge.image_io import load_image
-
     return load_image(shared / "images" / "group.jpg")
 
 
@@ -44,7 +42,6 @@ def bundles(tmp_path_factory):
     def get(target, precision):
         if (target, precision) not in cache:
             pytest.importorskip({"onnx": "onnxscript", "tflite": "litert_torch", "openvino": "openvino", "coreml": "coremltools"}[target])
-            from converters.api import convert
 
             cache[target, precision] = convert(target, precision, out=root / f"{target}-{precision}", progress=False).bundle
         return cache[target, precision]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge import cli
+from edge.commands import cli
 from edge.errors import ImageError
 from edge.image_io import MAX_PIXELS, check_image_array, load_image
 from edge.samples import grace_hopper_path

@@ -7,19 +7,20 @@ import struct
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from converters.bundle import load_bundle_runner
-from edge import cli
+from edge.bundle import load_bundle_runner
+from edge.commands import cli
 from edge.errors import BundleError, ConfigError, ImageError, WeightsError
-from edge.image_io import MAX_PIXELS, check_image_array, load_image
+from edge.image_io import MAX_PIXELS, load_image
+from edge.pipeline import Pipeline
+from edge.runners import TorchRunner
 from edge.samples import grace_hopper_path
-from edge.weights import load_weights
+from edge.weights.load import load_weights
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -102,9 +103,6 @@ ARRAY_CASES = [
 
 @pytest.mark.parametrize("name,arr,match", ARRAY_CASES, ids=[c[0] for c in ARRAY_CASES])
 def test_bad_arrays_through_the_pipeline(default_model, name, arr, match):
-    from edge.pipeline import Pipeline
-    from edge.runners import TorchRunner
-
     model, _ = default_model
     with pytest.raises(ImageError, match=match):
         Pipeline(TorchRunner(model), model.spec)(arr)

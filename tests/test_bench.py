@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from edge import cli
+from edge.commands import cli
+from edge.commands.args import peer_pipeline
+from edge.commands.bench import _distinct_tails
+from edge.evaluate.parity import detection_agreement
+from edge.evaluate.peers import BlazeFacePipeline, YuNetPipeline
+from edge.samples import grace_hopper, scene
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.convert
@@ -38,7 +43,6 @@ def test_bench_table_json_and_report(bundles, shared, tmp_path, capsys):
 
 def test_bench_rows_of_same_named_bundles_stay_apart():
     """Rows are keyed by name: bundles with one folder name in different runs (or one bundle twice) get distinct tags."""
-    from edge.bench import _distinct_tails
 
     assert _distinct_tails([Path("/r/run1/b_int8"), Path("/r/run2/b_int8")]) == ["run1/b_int8", "run2/b_int8"]
     assert _distinct_tails([Path("/r/x/b"), Path("/r/x/b")]) == ["x/b #1", "x/b #2"]
@@ -64,9 +68,6 @@ def test_device_bench_scripts_run_here_and_merge(bundles, tmp_path):
 
 
 def test_yunet_peer_detects_the_portrait(shared):
-    from edge.peers import BlazeFacePipeline, YuNetPipeline
-    from edge.samples import grace_hopper
-
     for pipe in (YuNetPipeline(shared / "peers/yunet/face_detection_yunet_2026may.onnx"), BlazeFacePipeline("short_range"), BlazeFacePipeline("full_range")):
         det = pipe(grace_hopper())
         assert len(det) == 1
@@ -77,11 +78,6 @@ def test_yunet_peer_detects_the_portrait(shared):
 def test_yunet_decoder_agrees_with_opencv(shared):
     """Our numpy decoding of YuNet's raw outputs against OpenCV's own FaceDetectorYN."""
     pytest.importorskip("cv2")
-    import numpy as np
-
-    from edge.cli import peer_pipeline
-    from edge.parity import detection_agreement
-    from edge.samples import grace_hopper, scene
 
     path = shared / "peers/yunet/face_detection_yunet_2026may.onnx"
     ours, _ = peer_pipeline(f"yunet:{path}", 640)

@@ -1,6 +1,6 @@
 import json
 
-from edge import cli
+from edge.commands import cli
 from edge.samples import grace_hopper_path
 
 

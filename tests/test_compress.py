@@ -10,15 +10,33 @@ import pytest
 import torch
 from torch import nn
 
-from edge.weights import load_weights
+from calib_data.build import load_calibration
+from converters.api import convert
+from edge.bundle import read_metadata
+from edge.commands.cli import main
+from edge.commands.compress import parse_module_ratios
+from edge.contract import ModelSpec
+from edge.errors import ConfigError, WeightsError
+from edge.image_io import load_image
+from edge.model import RetinaFace
+from edge.preprocess import prepare
+from edge.runners.openvino import OpenVINORunner
+from edge.runners.tflite import TFLiteRunner
+from edge.weights.load import load_weights, save_shipped
+from edge.weights.registry import REGISTRY, WeightsEntry
+from quant.config import PruneConfig, PruneOpConfig, check_module_names
+from quant.divergence import leaky_divergence
+from quant.divergence import main as divergence_main
+from quant.features import FeatureTaps, feature_loss, feature_widths
+from quant.prune import Pruner, compress, stage_config
+from quant.ptq import pt2e_calibrated
+from quant.qat import LearnedRange, QATQuantizer, fold_batch_norm_scales, load_qat
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("torch_pruning")
 
 
 def test_prune_keeps_contract_and_rounds_channels(default_model):
-    from quant.prune import PruneConfig, compress
-
     model, _ = default_model
     pruned, rep = compress(model, PruneConfig.uniform(0.3), size=320)
     assert rep["gmacs_after"] < 0.5 * rep["gmacs_before"] and rep["params_after"] < rep["params_before"]
@@ -32,8 +50,6 @@ def test_prune_keeps_contract_and_rounds_channels(default_model):
 
 
 def test_pruned_checkpoint_round_trip(default_model, tmp_path):
-    from quant.prune import PruneConfig, compress
-
     model, info = default_model
     pruned, rep = compress(model, PruneConfig.uniform(0.5), size=320)
     p = tmp_path / "p.pth"
@@ -49,9 +65,6 @@ def test_pruned_checkpoint_round_trip(default_model, tmp_path):
 def test_shipped_pruned_registry_entry(default_model, tmp_path, monkeypatch):
     """A registry entry with `file`: the float16 .npz written by save_shipped loads by name (widths from the file),
     with or without its mesh head, and is refused when its SHA-256 does not match."""
-    from edge.errors import WeightsError
-    from edge.weights import REGISTRY, WeightsEntry, save_shipped
-    from quant.prune import PruneConfig, compress
 
     model, info = default_model
     pruned, _ = compress(model, PruneConfig.uniform(0.3), size=160)
@@ -134,10 +147,6 @@ def test_compress_config_resolution(default_model):
     """Most specific wins: module name (longest prefix) > module type > global; None leaves a module alone."""
     from torch import nn
 
-    from edge.errors import ConfigError
-    from quant.config import PruneConfig, PruneOpConfig
-    from quant.prune import Pruner
-
     model, _ = default_model
     cfg = PruneConfig(global_config=PruneOpConfig(0.5), module_type_configs={"Conv2d": PruneOpConfig(0.25)},
                       module_name_configs={**PruneConfig().module_name_configs, "body.stage3": PruneOpConfig(0.0),
@@ -172,11 +181,6 @@ def test_qat_run_converts_for_every_target(shared, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from converters.api import convert
-    from converters.bundle import read_metadata
-    from edge.cli import main
-    from quant.qat import load_qat
-
     out = tmp_path / "run"
     assert main(["compress", "--images", str(shared / "images"), "--prune", "0.3", "--iters", "1", "--qat-steps", "3",
                  "--observe-steps", "2", "--batch", "1", "--size", "160", "--val", "1", "--warmup", "1", "--threads", "1",
@@ -205,7 +209,6 @@ def test_qat_run_converts_for_every_target(shared, tmp_path):
             assert "Clip" not in q["ops"]["nodes"]  # the weight clips were folded into the int8 initializers
         else:
             assert q["int8_weight_tensors"] >= 50
-    from quant.divergence import leaky_divergence, main as divergence_main
 
     x = np.random.default_rng(1).uniform(-120, 130, (1, 3, 160, 160)).astype(np.float32)
     rows = leaky_divergence(out / "qat.pth", bundles["tflite"] / "model.tflite", x)
@@ -239,12 +242,6 @@ def test_qat_full_integer_program_converts_to_the_full_integer_graph(shared, tmp
     converts with no float compute op, the trained simulation is what the TFLite model computes (on a real
     picture: loc within two int8 steps in the median), and another target or a shape the program cannot have is refused
     before any work. --prune 0: QAT of the model itself, no pruning stage and no final.pth."""
-    from converters.api import convert
-    from converters.bundle import read_metadata
-    from converters.tflite_target import TFLiteRunner
-    from edge.cli import main
-    from edge.errors import ConfigError
-    from quant.qat import load_qat
 
     base = ["compress", "--images", str(shared / "images"), "--prune", "0", "--batch", "1", "--size", "160",
             "--val", "1", "--warmup", "1", "--threads", "1", "--calib-count", "2", "--quiet"]
@@ -266,8 +263,6 @@ def test_qat_full_integer_program_converts_to_the_full_integer_graph(shared, tmp
     assert not (tmp_path / "onnx").exists()
     qat, model = load_qat(out / "qat.pth", 160)
     assert qat.full_integer
-    from edge.image_io import load_image
-    from edge.preprocess import prepare
 
     canvas = prepare(load_image(shared / "images" / "group.jpg"), model.spec).pixel_canvas[None]
     with torch.no_grad():
@@ -282,10 +277,6 @@ def test_qat_folds_batch_norm_scales_without_changing_the_function():
     """Before QAT the batch norms' scales move into the convolutions (what QAT fake-quantises is then what the
     converters quantise); the model computes the same thing."""
     import copy
-
-    from edge.contract import ModelSpec
-    from edge.model import RetinaFace
-    from quant.qat import fold_batch_norm_scales
 
     torch.manual_seed(0)
     model = RetinaFace(ModelSpec()).eval()
@@ -308,11 +299,6 @@ def test_stage_config_per_module_ratios_and_cli_checks(default_model):
     """--prune-module NAME=RATIO: the longest matching name sets a layer's final ratio (body=0 keeps the backbone);
     the stage's share of it follows progress; typos and bad ratios are ConfigErrors before any work."""
     import copy
-
-    from edge.errors import ConfigError
-    from quant.cli import parse_module_ratios
-    from quant.config import check_module_names
-    from quant.prune import Pruner, stage_config
 
     model, _ = default_model
     student = copy.deepcopy(model)
@@ -343,10 +329,6 @@ def test_qat_calibration_sets_activation_ranges_as_ptq_does(default_model):
     activation observers then stay off through training steps, weight fake-quantisation on."""
     import copy
 
-    from calib_data.build import load_calibration
-    from quant.ptq import pt2e_calibrated
-    from quant.qat import QATQuantizer
-
     model, _ = default_model
     m = copy.deepcopy(model)
     m.spec = m.spec.with_input_size(160)
@@ -375,9 +357,6 @@ def test_qat_learnt_ranges_train_and_write_back(default_model):
     optimiser; write_back() returns them to the program's own quantisers (a quantiser reached by two names
     gets one parameter), and the program computes the same with either, as does the converted program."""
     import copy
-
-    from calib_data.build import load_calibration
-    from quant.qat import LearnedRange, QATQuantizer
 
     model, _ = default_model
     m = copy.deepcopy(model)
@@ -422,10 +401,6 @@ def test_compress_qat_learnt_ranges_run(shared, tmp_path):
     """edge compress --qat-ranges learnt --float-modules body.stage1: the run records both and writes a checkpoint of
     the ordinary layout (the learnt ranges written back), which loads with its float modules and converts (the
     training of the scales itself: test_qat_learnt_ranges_train_and_write_back)."""
-    from converters.api import convert
-    from converters.bundle import read_metadata
-    from edge.cli import main
-    from quant.qat import LearnedRange, load_qat
 
     out = tmp_path / "run"
     assert main(["compress", "--images", str(shared / "images"), "--prune", "0.3", "--iters", "1", "--qat-steps", "2",
@@ -452,9 +427,6 @@ def test_feature_taps_on_model_and_qat_program(default_model):
     reads (after the stage's fake-quantiser), with gradients to the program's weights; close() gives back the
     same graph and outputs. feature_loss is 0 for identical maps and positive otherwise."""
     import copy
-
-    from quant.features import FeatureTaps, feature_loss, feature_widths
-    from quant.qat import QATQuantizer
 
     model, _ = default_model
     m = copy.deepcopy(model).eval()
@@ -504,9 +476,6 @@ def test_compress_distill_features_run(shared, tmp_path, capsys):
     refused, naming the module."""
     import csv
 
-    from edge.cli import main
-    from quant.qat import load_qat
-
     out = tmp_path / "run"
     common = ["compress", "--images", str(shared / "images"), "--iters", "2", "--calib-count", "2", "--batch", "1",
               "--size", "160", "--val", "1", "--warmup", "1", "--threads", "1", "--quiet"]
@@ -538,12 +507,6 @@ def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
     fake-quantised torch model; TFLite is refused with a ConfigError naming the backend."""
     import json
 
-    from converters.api import convert
-    from converters.bundle import read_metadata
-    from edge.cli import main
-    from edge.errors import ConfigError
-    from quant.qat import load_qat
-
     out = tmp_path / "run"
     assert main(["compress", "--images", str(shared / "images"), "--prune", "0.3", "--iters", "1", "--qat-steps", "2",
                  "--qat-backend", "nncf", "--calib-count", "2", "--batch", "1", "--size", "160", "--val", "1", "--warmup", "1",
@@ -554,7 +517,6 @@ def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
     q = read_metadata(res.bundle)[1]["quantization"]
     assert "NNCF QAT" in q["route"] and q["conv_weight_types"].get("i8", 0) == 59
     qat, model = load_qat(out / "qat.pth", 160)
-    from converters.openvino_target import OpenVINORunner
 
     x = np.random.default_rng(0).uniform(-120, 130, (1, 3, 160, 160)).astype(np.float32)
     with torch.no_grad():
@@ -578,8 +540,6 @@ def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
                                           (["--distill-features", "body.stage1", "--feature-weight", "0"], "positive"),
                                           (["--qat-steps", "2", "--qat-backend", "nncf", "--distill-features", "body"], "nncf")])
 def test_compress_qat_options_are_checked_before_any_work(shared, tmp_path, capsys, extra, match):
-    from edge.cli import main
-
     out = tmp_path / "run"
     assert main(["compress", "--images", str(shared / "images"), "--prune", "0.3", "--iters", "1", "--size", "160",
                  "--val", "1", "--out", str(out), "--quiet", *extra]) == 2

@@ -10,15 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from converters import cli as convert_cli
 from converters.api import convert
-from converters.bundle import load_bundle_runner, read_metadata
+from converters.tflite_target import embedded_metadata as tfl_meta
+from edge.bundle import load_bundle_runner, read_metadata
+from edge.commands import cli
 from edge.contract import ModelSpec
 from edge.errors import BundleError, ConfigError
+from edge.evaluate.parity import detection_agreement
 from edge.image_io import load_image
-from edge.parity import detection_agreement
-from edge.pipeline import Pipeline
+from edge.pipeline import Pipeline, run_prepared
+from edge.preprocess import prepare
 from edge.runners import TorchRunner
-from edge.samples import grace_hopper
+from edge.runners.tflite import TFLiteRunner
+from edge.samples import grace_hopper, grace_hopper_path
 
 pytestmark = pytest.mark.convert
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +94,6 @@ def test_format_metadata_slots(bundles):
 
     props = {p.key: p.value for p in onnx.load(str(bundles("onnx", "fp32") / "model.onnx")).metadata_props}
     assert props["retinaface_edge.precision"] == "fp32" and json.loads(props["retinaface_edge.spec"])["input_size"] == 640
-    from converters.tflite_target import read_metadata as tfl_meta
 
     assert tfl_meta(bundles("tflite", "fp32") / "model.tflite")["retinaface_edge.precision"] == "fp32"
     import openvino as ov
@@ -104,10 +108,6 @@ def test_openvino_normalises_the_uint8_canvas_inside_the_model(bundles, shared, 
     the outputs are bit-identical to the numpy-normalised tensor, padded canvases included; a resized image (float
     pixels) and a spec with a fractional mean keep the tensor."""
     import openvino as ov
-
-    from edge.contract import ModelSpec
-    from edge.pipeline import run_prepared
-    from edge.preprocess import prepare
 
     bundle = bundles("openvino", precision)
     runner, spec, _ = load_bundle_runner(bundle)
@@ -154,26 +154,19 @@ def test_unsupported_combinations_refused_before_work(tmp_path):
 
 def test_float_modules_refused_for_a_full_integer_graph(capsys):
     """TFLite int8 is full-integer: --float-modules is refused before any work, naming the reason."""
-    from converters import cli
 
-    assert cli.main(["--target", "tflite", "--precision", "int8", "--float-modules", "body.stage1"]) == 2
+    assert convert_cli.main(["--target", "tflite", "--precision", "int8", "--float-modules", "body.stage1"]) == 2
     assert "full-integer graph" in capsys.readouterr().err
 
 
 def test_cli_list_and_refusal(capsys):
-    from converters import cli
-
-    assert cli.main(["--list"]) == 0
+    assert convert_cli.main(["--list"]) == 0
     assert "tflite" in capsys.readouterr().out
-    assert cli.main(["--target", "onnx", "--precision", "int8w"]) == 2
+    assert convert_cli.main(["--target", "onnx", "--precision", "int8w"]) == 2
     assert "error: onnx does not offer int8w" in capsys.readouterr().err
 
 
 def test_detect_with_bundle(bundles, capsys):
-    from edge import cli
-
-    from edge.samples import grace_hopper_path
-
     assert cli.main(["detect", str(grace_hopper_path()), "--bundle", str(bundles("onnx", "fp32"))]) == 0
     assert "1 faces" in capsys.readouterr().out
 
@@ -298,9 +291,6 @@ def test_tflite_int8_normalises_the_canvas_exactly(bundles, shared):
     """The normalisation inside the model (a depthwise 1x1 convolution) gives, bit for bit, the int8 tensor that
     numpy's normalisation and the same input quantisation give; the canvas and tensor paths agree exactly."""
     from ai_edge_litert.interpreter import Interpreter
-
-    from converters.tflite_target import TFLiteRunner
-    from edge.preprocess import prepare
 
     b = bundles("tflite", "int8")
     meta = read_metadata(b)[1]

@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.bundle import read_metadata, write_metadata
+from converters.bundle import write_metadata
+from edge.bundle import read_metadata
+from edge.pipeline import Pipeline, PostConfig
+from edge.preprocess import letterbox_uint8, normalise, prepare
+from edge.runners import TorchRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 RPI_VENV = ROOT / ".venv-rpi"
@@ -18,10 +22,18 @@ sys.path.insert(0, str(ROOT / "targets" / "common"))
 import edgecheck  # noqa: E402
 
 
-def test_device_decoding_matches_project(default_model, group_image):
-    from edge.pipeline import Pipeline, PostConfig
-    from edge.runners import TorchRunner
+def test_device_normalisation_mirrors_the_project(default_model, group_image):
+    """The device code's numpy pre-processing gives the network the same numbers as the project's, bit for bit."""
+    spec = default_model[0].spec
+    canvas = letterbox_uint8(group_image, 640, spec.mean)
+    ours = prepare(canvas, spec.with_input_size(640))
+    device = edgecheck.network_input(canvas, {"mean": list(spec.mean), "std": list(spec.std)}, takes_canvas=False)
+    assert device.dtype == ours.tensor.dtype and np.array_equal(device, ours.tensor)
+    assert np.array_equal(device, normalise(canvas, spec.mean, (1.0, 2.0, 4.0)) * np.array([1, 2, 4], np.float32)[None, :, None, None])
+    assert np.array_equal(edgecheck.network_input(canvas, {}, takes_canvas=True)[0], ours.canvas)
 
+
+def test_device_decoding_matches_project(default_model, group_image):
     model, _ = default_model
     pipe = Pipeline(TorchRunner(model), model.spec, PostConfig(score_threshold=0.3))
     prep = pipe.preprocess(group_image)
@@ -157,3 +169,4 @@ def test_rpi_suite_refuses_tampered_bundles(rpi_python, bundles, tmp_path):
         r = _run_suite(rpi_python, tmp_path, d)
         assert r.returncode != 0, f"{case}: the suite passed a tampered bundle"
         assert TAMPER_CASES[case] in r.stdout and "AttributeError" not in r.stdout, (case, r.stdout[-2000:])
+

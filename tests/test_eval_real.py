@@ -4,7 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from edge import cli
+from edge.commands import cli
+from edge.evaluate import aflw as eval_aflw
+from edge.pipeline import Pipeline
+from edge.runners import TorchRunner
+from edge.weights.load import load_weights
 
 
 def test_widerface_40_images_pinned(shared, tmp_path):
@@ -25,11 +29,6 @@ def test_widerface_40_images_pinned(shared, tmp_path):
 
 
 def test_aflw2000_five_points(shared, tmp_path):
-    from edge import eval_aflw
-    from edge.pipeline import Pipeline
-    from edge.runners import TorchRunner
-    from edge.weights import load_weights
-
     model, _ = load_weights("default", mesh=False)  # the detector alone: its 5 landmarks
     pipe = Pipeline(TorchRunner(model), model.spec.with_input_size(None))
     r = eval_aflw.evaluate(pipe, shared / "aflw2000_3d", limit=60, progress=False)
@@ -46,10 +45,6 @@ def test_aflw2000_five_points(shared, tmp_path):
 def test_aflw_landmark_order_matches_68_semantics(shared):
     """Swapping the eyes (and mouth corners) of the ground truth must make the error much larger:
     proof that the 68 -> 5 correspondence has the right sides."""
-    from edge import eval_aflw
-    from edge.pipeline import Pipeline
-    from edge.runners import TorchRunner
-    from edge.weights import load_weights
 
     model, _ = load_weights("default")
     pipe = Pipeline(TorchRunner(model), model.spec.with_input_size(None))

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from edge.eval_widerface import WiderGT, bbox_overlaps, evaluate, voc_ap
+from edge.evaluate.widerface import WiderGT, bbox_overlaps, evaluate, voc_ap
 
 
 def _gt(boxes, keep):

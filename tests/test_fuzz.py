@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from converters.bundle import read_metadata
+from edge.bundle import read_metadata
 from edge.errors import BundleError, ImageError
 from edge.image_io import load_image
 from edge.samples import grace_hopper_path

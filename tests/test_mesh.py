@@ -2,19 +2,34 @@
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from edge.mesh import MESH68, MESH_VERTICES, crop_transform, mesh_to_68, roi_for_face, warp_crop
+from converters.api import convert
+from edge.anchors import decode_points, priors
+from edge.bundle import load_bundle_runner, read_metadata
+from edge.commands.cli import main
+from edge.contract import ModelSpec
+from edge.draw import draw_detections
+from edge.errors import BundleError
+from edge.evaluate.aflw import load_labels as load_aflw
+from edge.evaluate.aflw import nme_per_face
+from edge.evaluate.teacher import MeshTeacher, crop_transform, roi_for_face, warp_crop
+from edge.image_io import load_image
+from edge.mesh import MESH68, MESH_VERTICES, mesh_edges, mesh_to_68
+from edge.model import RetinaFace
+from edge.pipeline import Pipeline
+from edge.postprocess import Detections, decode_detections
+from edge.runners import TorchRunner
+from edge.train.labels import read_labels
+from edge.train.mesh_head import load_labels, mesh_loss
+from edge.weights.load import load_weights
 
 
 def test_topology():
-    from edge.mesh import mesh_edges
-
     e = mesh_edges()
     assert e.ndim == 2 and e.shape[1] == 2 and len(e) > 1000
     assert e.min() >= 0 and e.max() < MESH_VERTICES and (e[:, 0] < e[:, 1]).all()
@@ -46,14 +61,8 @@ def test_crop_geometry():
 @pytest.mark.shared
 def test_teacher_on_a_frontal_face(shared):
     """The teacher's mesh68 on a frontal AFLW2000-3D face is within 6 % NME of the ground truth."""
-    from edge.eval_aflw import load_labels, nme_per_face
-    from edge.image_io import load_image
-    from edge.mesh import MeshTeacher
-    from edge.pipeline import Pipeline
-    from edge.runners import TorchRunner
-    from edge.weights import load_weights
 
-    lab = load_labels(shared / "aflw2000_3d")
+    lab = load_aflw(shared / "aflw2000_3d")
     model, _ = load_weights("default")
     pipe = Pipeline(TorchRunner(model), model.spec.with_input_size(None))
     img = load_image(shared / "aflw2000_3d/images" / f"{lab['names'][5]}.jpg")
@@ -67,13 +76,6 @@ def test_teacher_on_a_frontal_face(shared):
 
 
 def test_low_rank_head_decode_and_checkpoint(tmp_path):
-    from edge.anchors import decode_points, priors
-    from edge.contract import ModelSpec
-    from edge.model import RetinaFace
-    from edge.postprocess import decode_detections
-    from edge.runners import TorchRunner
-    from edge.weights import load_weights
-
     spec = ModelSpec(mesh_vertices=MESH_VERTICES, mesh_rank=16, input_size=64)
     model = RetinaFace(spec).eval()
     with torch.no_grad():
@@ -102,8 +104,6 @@ def test_low_rank_head_decode_and_checkpoint(tmp_path):
 
 
 def test_mesh_loss():
-    from edge.train.mesh import mesh_loss
-
     edges = torch.tensor([[0, 1], [1, 2], [0, 2]])
     t = torch.randn(4, 9)
     loss, parts = mesh_loss(t.clone(), t, edges, 1.0)
@@ -117,10 +117,6 @@ def test_mesh_loss():
 def test_train_mesh_end_to_end(shared, tmp_path):
     """edge train mesh: pseudo-labels from the teacher, a few steps, a checkpoint that loads with its head."""
     import json
-
-    from edge.cli import main
-    from edge.train.mesh import load_labels
-    from edge.weights import load_weights
 
     images = tmp_path / "images"
     images.mkdir()
@@ -137,7 +133,6 @@ def test_train_mesh_end_to_end(shared, tmp_path):
     model, _ = load_weights(out / "final.pth")
     assert model.spec.mesh_rank == 8 and model.spec.mesh_vertices == MESH_VERTICES
     # the detector trainer adds the mesh loss where faces have a mesh pseudo-label (joint training)
-    from edge.train.labels import read_labels
 
     wanted = {f"12--Group/{p.name}": p.name for p in src}
     lines = []
@@ -157,10 +152,6 @@ def test_train_mesh_end_to_end(shared, tmp_path):
     # the bundle carries the decoder: its parity reports the mesh, on the host and in the device check
     import sys
 
-    from converters.api import convert
-    from converters.bundle import load_bundle_runner, read_metadata
-    from edge.errors import BundleError
-
     res = convert("onnx", weights=str(out / "final.pth"), input_size=320, out=tmp_path / "bundle", progress=False)
     _, meta = read_metadata(res.bundle)
     assert meta["mesh_decoder"] == "mesh_decoder.npz" and "mesh_decoder.npz" in meta["files"]
@@ -178,9 +169,6 @@ def test_train_mesh_end_to_end(shared, tmp_path):
 
 
 def test_json_and_drawing_carry_the_mesh():
-    from edge.draw import draw_detections
-    from edge.postprocess import Detections
-
     rng = np.random.default_rng(0)
     mesh = rng.uniform(10, 50, (1, MESH_VERTICES, 3)).astype(np.float32)
     det = Detections(np.array([[10, 10, 50, 50]], np.float32), np.array([0.9], np.float32),

@@ -4,11 +4,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from converters.bundle import write_metadata
+from edge.bundle import load_bundle_runner, read_metadata
+from edge.commands import cli
+from edge.image_io import load_image
+from edge.pipeline import Pipeline
+from edge.runners import TorchRunner
+from edge.runners.mil_interpreter import MILInterpreter, UnsupportedOp, import_coremltools
+from edge.samples import grace_hopper_path
+
 ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
-
-from converters.mil_interpreter import MILInterpreter, UnsupportedOp, conv2d  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -127,11 +134,6 @@ def test_unknown_op_is_named():
 
 @pytest.mark.convert
 def test_fp32_program_matches_pytorch(bundles, default_model, shared):
-    from converters.bundle import load_bundle_runner
-    from edge.image_io import load_image
-    from edge.pipeline import Pipeline
-    from edge.runners import TorchRunner
-
     runner, spec, desc = load_bundle_runner(bundles("coreml", "fp32"))
     assert "interpreted MIL, not the Core ML runtime" in desc or sys_is_mac()
     model, _ = default_model
@@ -155,9 +157,6 @@ def test_coreml_bundles_pass_parity_and_a_broken_one_fails(bundles, tmp_path):
     import json
     import shutil
 
-    from converters.bundle import read_metadata, write_metadata
-    from edge import cli
-
     for precision in ("fp16", "int8w", "int8"):
         out = tmp_path / f"{precision}.json"
         assert cli.main(["parity", str(bundles("coreml", precision)), "--json", str(out), "--quiet"]) == 0, precision
@@ -168,10 +167,8 @@ def test_coreml_bundles_pass_parity_and_a_broken_one_fails(bundles, tmp_path):
     # is found from the offset the program records
     import struct
 
-    from converters.mil_interpreter import _ct
-
     pkg = d / "model.mlpackage"
-    spec = _ct().utils.load_spec(str(pkg))
+    spec = import_coremltools().utils.load_spec(str(pkg))
     ops = list(spec.mlProgram.functions["main"].block_specializations.values())[0].operations
     blobs = [op.attributes["val"].blobFileValue for op in ops if op.type == "const" and op.attributes["val"].HasField("blobFileValue")]
     wfile = pkg / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
@@ -193,10 +190,6 @@ def test_coreml_bundles_pass_parity_and_a_broken_one_fails(bundles, tmp_path):
 @pytest.mark.convert
 def test_damaged_weight_file_is_a_bundle_error(bundles, tmp_path, capsys):
     import shutil
-
-    from converters.bundle import read_metadata, write_metadata
-    from edge import cli
-    from edge.samples import grace_hopper_path
 
     d = tmp_path / "damaged"
     shutil.copytree(bundles("coreml", "fp16"), d)

@@ -5,9 +5,13 @@ import shutil
 import numpy as np
 import pytest
 
-from converters.bundle import read_metadata, write_metadata
-from edge import cli
-from edge.parity import check_gates, load_gates
+import edge.evaluate.parity
+from converters import cli as ccli
+from converters.bundle import write_metadata
+from edge.bundle import read_metadata
+from edge.commands import cli
+from edge.evaluate.parity import ImageParity, ParityReport, check_gates, detection_agreement, load_gates
+from edge.postprocess import decode_at, decode_detections, rescale
 
 pytestmark = pytest.mark.convert
 
@@ -67,8 +71,6 @@ def test_anchor_switch_is_counted_and_errors_are_measured_anchor_for_anchor():
     """Two anchors of one face with near-equal scores: the candidate keeps the other one (its score moved by
     0.01), whose mesh is different in both models. The plain pair error is large, the same-anchor error is 0
     (the candidate reproduces the reference at that anchor), and the switch is counted."""
-    from edge.parity import ImageParity, ParityReport, detection_agreement
-    from edge.postprocess import decode_at, decode_detections
 
     pri = np.array([[0.5, 0.5, 0.2, 0.2], [0.52, 0.5, 0.2, 0.2], [0.1, 0.1, 0.05, 0.05]], np.float32)
     mesh = np.zeros((3, 12), np.float32)
@@ -90,8 +92,6 @@ def test_anchor_switch_is_counted_and_errors_are_measured_anchor_for_anchor():
 
 
 def test_decode_at_the_kept_anchors_gives_the_detections():
-    from edge.postprocess import decode_at, decode_detections, rescale
-
     rng = np.random.default_rng(0)
     pri = np.column_stack([rng.uniform(0.1, 0.9, (50, 2)), rng.uniform(0.05, 0.3, (50, 2))]).astype(np.float32)
     s = rng.uniform(0, 1, 50).astype(np.float32)
@@ -140,17 +140,14 @@ def test_check_gates_names_failures():
 
 
 def test_convert_exits_1_and_marks_bundle_when_gate_fails(tmp_path, monkeypatch, capsys):
-    import edge.parity
-    from converters import cli as ccli
-
-    real = edge.parity.load_gates
+    real = edge.evaluate.parity.load_gates
 
     def impossible(target, precision):
         g = real(target, precision)
         g["recall_min"] = 1.01
         return g
 
-    monkeypatch.setattr(edge.parity, "load_gates", impossible)
+    monkeypatch.setattr(edge.evaluate.parity, "load_gates", impossible)
     out = tmp_path / "b"
     assert ccli.main(["--target", "onnx", "--out", str(out), "--quiet"]) == 1
     assert read_metadata(out)[1]["parity"]["passed"] is False

@@ -2,11 +2,13 @@ import numpy as np
 import pytest
 
 from edge.anchors import decode_boxes, decode_points, encode_boxes, encode_points, priors
-from edge.contract import FACE_DETECTOR_1MB, PYTORCH_RETINAFACE
+from edge.contract import FACE_DETECTOR_1MB, PYTORCH_RETINAFACE, ModelSpec
+from edge.model import RetinaFace
 from edge.pipeline import Pipeline, PostConfig
-from edge.postprocess import box_iou, nms
+from edge.postprocess import Detections, box_iou, decode_detections, nms, rescale
 from edge.preprocess import prepare, resize_bilinear, resize_numpy
 from edge.runners import TorchRunner
+from edge.weights.load import read_state_dict
 
 from . import torch_reference as ref
 
@@ -27,7 +29,6 @@ def test_decode_and_nms_agree_with_torch_reference(default_model, group_image, s
         prep = pipe.preprocess(group_image)
         raw = pipe.runner(prep.tensor)
         one = {k: v[0] for k, v in raw.items()}
-        from edge.postprocess import decode_detections
 
         ours = decode_detections(one, pipe.priors_for(prep.input_hw), prep.input_hw, score_threshold=score, nms_threshold=0.4,
                                  mesh_decoder=pipe.mesh_decoder)
@@ -53,11 +54,6 @@ def test_group_counts_against_independent_measurements(default_model, shared_mod
 def test_wrong_configuration_scores_near_zero(shared, shared_model, group_image):
     """The shared checkpoint run with Pytorch_Retinaface's configuration misplaces most faces:
     few of its boxes overlap the right configuration's faces at IoU >= 0.5."""
-    import torch
-
-    from edge.contract import ModelSpec
-    from edge.model import RetinaFace
-    from edge.weights import read_state_dict
 
     wrong = RetinaFace(ModelSpec(arch=PYTORCH_RETINAFACE))
     wrong.load_state_dict(read_state_dict(shared / "weights" / "mobilenet0.25_Final.pth"))
@@ -91,9 +87,6 @@ def test_nms_basic_cases():
 
 
 def test_letterbox_and_rescale_round_trip():
-    from edge.contract import ModelSpec
-    from edge.postprocess import Detections, rescale
-
     img = np.zeros((300, 500, 3), np.uint8)
     prep = prepare(img, ModelSpec(input_size=640))
     assert prep.tensor.shape == (1, 3, 640, 640) and prep.scale == pytest.approx(640 / 500)
@@ -109,7 +102,6 @@ def test_letterbox_and_rescale_round_trip():
 def test_canvas_and_tensor_are_the_same_input():
     """Prepared's two views: the uint8 canvas (mean colour in the pad) normalised by hand is the tensor, exactly;
     no canvas where the image was resized; both views built lazily (a runner's own pre-processing skips the float tensor)."""
-    from edge.contract import ModelSpec
 
     rng = np.random.default_rng(0)
     spec = ModelSpec(input_size=640)

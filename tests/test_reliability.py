@@ -18,14 +18,16 @@ import torch
 from PIL import Image
 
 from converters import cli as convert_cli
-from converters.bundle import atomic_folder, check_destination, load_bundle_runner, read_metadata, write_metadata
-from edge import cli, outputs
+from converters.bundle import atomic_folder, check_destination, write_metadata
+from edge import image_io, outputs
 from edge.atomic import atomic_file
+from edge.bundle import load_bundle_runner, read_metadata
+from edge.commands import cli
 from edge.errors import BundleError, ImageError, ImageWarning, OutputError, WeightsError
 from edge.image_io import load_image
 from edge.outputs import current_umask, distinct_names
 from edge.samples import grace_hopper_path
-from edge.weights import load_weights
+from edge.weights.load import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -331,8 +333,6 @@ def test_unreadable_paths_say_what_happened(tmp_path, photo, monkeypatch):
 
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
-
-    from edge import image_io
 
     monkeypatch.setattr(image_io, "open", denied, raising=False)  # root reads through mode 000: deny at the open
     with pytest.raises(ImageError, match="permission denied") as e:

@@ -12,11 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from edge.anchors import decode_boxes, priors
+from edge.anchors import decode_boxes, decode_points, priors
+from edge.commands.cli import main
+from edge.contract import ARCHS, ModelSpec
 from edge.errors import ConfigError
+from edge.pipeline import Pipeline
+from edge.postprocess import decode_at, decode_detections
+from edge.runners import TorchRunner
 from edge.train.augment import AugmentConfig, augment, flip, random_crop
+from edge.train.data import DetectionDataset, collate
+from edge.train.detector import detector_step, evaluate_on_samples, init_variant, reinit_heads
 from edge.train.labels import LabelError, parse_bbx_gt, parse_retinaface, read_labels
-from edge.train.multibox import LossConfig, encode, encode_points, match, multibox_loss, point_form
+from edge.train.loop import TrainConfig, train
+from edge.train.multibox import LossConfig, box_iou, encode, encode_points, match, multibox_loss, point_form
+from edge.weights.load import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +98,6 @@ def test_match_and_encode():
     boxes = torch.cat([pf[10:11], tiny])
     labels, idx = match(boxes, pri, cfg)
     assert labels[10] == 1 and idx[10] == 0
-    from edge.train.multibox import box_iou
 
     best = box_iou(tiny, pf).max(dim=1)
     assert best.values.item() < cfg.pos_iou
@@ -170,8 +178,6 @@ def test_crop_keeps_faces_and_resizes():
 
 
 def _six_images(shared, n=6):
-    from edge.train.labels import read_labels
-
     s = read_labels(shared / "widerface/val/label_bbx_gt.txt")
     c = [x for x in s if 1 <= len(x) <= 4 and (x.boxes[:, 2:] - x.boxes[:, :2]).min() >= 40]
     import random
@@ -182,9 +188,6 @@ def _six_images(shared, n=6):
 
 def write_retinaface_labels(path, samples, model) -> None:
     """RetinaFace-format labels: ground-truth boxes and the default model's landmarks of the matching detection."""
-    from edge.pipeline import Pipeline
-    from edge.runners import TorchRunner
-    from edge.train.multibox import box_iou
 
     root = Path(__file__).resolve().parents[2] / "shared/widerface/val/images"
     pipe = Pipeline(TorchRunner(model), model.spec.with_input_size(None))
@@ -205,7 +208,6 @@ def write_retinaface_labels(path, samples, model) -> None:
 def test_overfit_from_random_heads(shared, tmp_path, default_model):
     """On six real images the loss falls steadily and the AP on them rises above 0.9 from random heads."""
     default_model = default_model[0]
-    from edge.train.detector import evaluate_on_samples, reinit_heads
 
     labels = tmp_path / "label.txt"
     write_retinaface_labels(labels, _six_images(shared), default_model)
@@ -235,7 +237,6 @@ def test_overfit_from_random_heads(shared, tmp_path, default_model):
     after = json.loads((out / "summary.json").read_text())["val"]["ap"]
     assert before < 0.3 and after > 0.9, (before, after)
     # the run's weights load back through --weights
-    from edge.weights import load_weights
 
     m2, info = load_weights(out / "final.pth")
     assert info.arch.name == default_model.spec.arch.name
@@ -243,9 +244,6 @@ def test_overfit_from_random_heads(shared, tmp_path, default_model):
 
 
 def _loop_setup(shared, tmp_path, model):
-    from edge.train.data import DetectionDataset, collate
-    from edge.train.detector import detector_step
-
     samples = _six_images(shared)
     ds = DetectionDataset(samples, shared / "widerface/val/images", model.spec, 160, seed=3)
     pri = torch.from_numpy(priors(160, 160, model.spec.arch.min_sizes, model.spec.steps))
@@ -257,8 +255,6 @@ def test_resume_is_exact(shared, tmp_path, default_model):
     """A run killed after its step-4 checkpoint and resumed ends with the same weights as an uninterrupted run."""
     default_model = default_model[0]
     import copy
-
-    from edge.train.loop import TrainConfig, train
 
     ds, collate, step = _loop_setup(shared, tmp_path, default_model)
     meta = {"format": 1, "kind": "trained", "arch": default_model.spec.arch.name}
@@ -312,7 +308,6 @@ def test_ddp_two_cpu_processes(shared, tmp_path):
     a, b = summary["param_checksums"]
     assert a == b
     # and the weights moved: the processes trained, and agreed
-    from edge.weights import load_weights
 
     base, _ = load_weights("default")
     trained, _ = load_weights(out / "final.pth")
@@ -322,25 +317,18 @@ def test_ddp_two_cpu_processes(shared, tmp_path):
 
 
 def test_bad_training_input(tmp_path):
-    from edge.cli import main
-
     assert main(["train", "detector", "--data", str(tmp_path / "nope"), "--labels", "x", "--out", str(tmp_path / "o")]) == 2
     (tmp_path / "img").mkdir()
     (tmp_path / "l.txt").write_text("# missing.jpg\n1 1 10 10\n")
     assert main(["train", "detector", "--data", str(tmp_path / "img"), "--labels", str(tmp_path / "l.txt"),
                  "--out", str(tmp_path / "o"), "--weights", "none"]) == 2
     with pytest.raises(ConfigError):
-        from edge.train.loop import TrainConfig
-
         TrainConfig(out="x", optimizer="rmsprop")
 
 
 @pytest.mark.parametrize("name", ["pytorch_retinaface_p2p6", "pytorch_retinaface_cascade"])
 def test_paper_variants(name, default_model):
     """The P2-P6 pyramid and the two-stage cascade: contract round trip, output shapes, weight transfer, loss."""
-    from edge.contract import ARCHS, ModelSpec
-    from edge.model import RetinaFace
-    from edge.train.detector import detector_step, init_variant
 
     arch = ARCHS[name]
     spec = ModelSpec(arch=arch)
@@ -371,9 +359,6 @@ def test_paper_variants(name, default_model):
 
 
 def test_cascade_decode_uses_first_stage_boxes():
-    from edge.anchors import decode_points
-    from edge.postprocess import decode_detections
-
     pri = priors(64, 64, [[16, 32], [64, 128], [256, 512]], [8, 16, 32])
     a = len(pri)
     rng = np.random.default_rng(0)
@@ -390,7 +375,6 @@ def test_cascade_decode_uses_first_stage_boxes():
     p1 = np.concatenate([(b1[:, :2] + b1[:, 2:]) / 2, b1[:, 2:] - b1[:, :2]], axis=1)
     np.testing.assert_allclose(det.boxes, decode_boxes(loc2[7:8], p1) * 64, rtol=1e-5)
     np.testing.assert_allclose(det.landmarks, decode_points(lm2[7:8], p1) * 64, rtol=1e-5)
-    from edge.postprocess import decode_at
 
     at = decode_at(outs, pri, det.anchors, (64, 64))  # the raw outputs at the kept anchor: the same face
     np.testing.assert_allclose(at.boxes, det.boxes, rtol=1e-6)

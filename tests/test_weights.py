@@ -8,8 +8,10 @@ from edge.errors import ConfigError, WeightsError
 from edge.image_io import load_image
 from edge.pipeline import Pipeline
 from edge.runners import OnnxRunner, TorchRunner
-from edge.samples import grace_hopper, scene
-from edge.weights import REGISTRY, count_params, default_onnx_bytes, load_weights, read_state_dict
+from edge.samples import grace_hopper
+from edge.weights.fetch import default_onnx_bytes
+from edge.weights.load import count_params, load_weights, read_mesh_head, read_state_dict
+from edge.weights.registry import REGISTRY
 
 
 def test_default_matches_embedded_onnx_on_real_images(default_model, shared):
@@ -58,9 +60,6 @@ def test_shipped_compressed_entry_loads(default_model, name, merge1):
 def test_default_mesh_head_is_checked(tmp_path, monkeypatch):
     """The shipped mesh head loads by SHA-256 only; load_weights(mesh=False) gives the detector alone."""
     import dataclasses
-
-    from edge.errors import WeightsError
-    from edge.weights import load_weights, read_mesh_head
 
     entry = REGISTRY["default"].mesh
     assert entry is not None and entry.path.stat().st_size < 300_000
@@ -146,7 +145,6 @@ def test_truncated_empty_and_garbage_checkpoints(tmp_path, shared):
 
 def test_mesh_head_leaves_the_detector_unchanged(default_model):
     """The shipped mesh head is an extra output: boxes, scores and landmarks are bit-identical without it."""
-    from edge.weights import load_weights
 
     model, _ = default_model
     detector, _ = load_weights("default", mesh=False)

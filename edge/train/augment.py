@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from edge.preprocess import resize_bilinear
 
@@ -55,7 +56,6 @@ def random_crop(img, boxes, lmk, has, size: int, rng: np.random.Generator, cfg: 
 
 def photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Brightness, contrast, saturation and hue jitter (each with probability 0.5), as the reference recipes."""
-    from PIL import Image
 
     out = img.astype(np.float32)
     if rng.random() < 0.5:

@@ -3,6 +3,7 @@ channel order, mean and std) and normalised targets. Randomness is drawn from (s
 so a resumed run sees the same augmentation and DataLoader workers need no seeding of their own."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,21 +11,10 @@ import torch
 
 from edge.contract import ModelSpec
 from edge.image_io import load_image
+from edge.postprocess import box_iou
+from edge.preprocess import letterbox_float
 from edge.train.augment import AugmentConfig, augment
 from edge.train.labels import LabelError, Sample
-
-
-def letterbox(img: np.ndarray, size: int, mean) -> tuple[np.ndarray, float]:
-    """The inference letterbox (top-left, long side = size, mean-colour padding) -> (float32 image, scale)."""
-    from edge.preprocess import resize_bilinear
-
-    h, w = img.shape[:2]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    x = np.empty((size, size, 3), np.float32)
-    x[:] = mean
-    x[:nh, :nw] = resize_bilinear(img, nh, nw)
-    return x, scale
 
 
 class EpochDataset(torch.utils.data.Dataset):
@@ -47,8 +37,6 @@ class DetectionDataset(EpochDataset):
         face takes the mesh whose box overlaps it at IoU > 0.5 (targets gain "meshes" and "has_mesh").
         Flips are off with meshes (mirroring a mesh needs its left/right vertex pairs)."""
         if meshes is not None and augment is not None:
-            import dataclasses
-
             augment = dataclasses.replace(augment, flip=0.0)
         self.meshes = meshes
         if size % spec.pad_multiple:
@@ -75,7 +63,7 @@ class DetectionDataset(EpochDataset):
             rng = np.random.default_rng((self.seed, self.epoch, i))
             x, boxes, pts, index, scale = augment(img, s.boxes, pts, index, self.size, rng, self.augment, mean)
         else:
-            x, scale = letterbox(img, self.size, mean)
+            x, scale = letterbox_float(img, self.size, mean)
             boxes, pts = s.boxes * scale, pts * scale
         x = (x - mean) / np.asarray(self.spec.std, np.float32)
         t = {"boxes": torch.from_numpy(np.ascontiguousarray(boxes / self.size, np.float32)).reshape(-1, 4),
@@ -89,8 +77,6 @@ class DetectionDataset(EpochDataset):
 
 
 def _mesh_for_sample(sample: Sample, entry) -> tuple[np.ndarray, np.ndarray]:
-    from edge.postprocess import box_iou
-
     n = len(sample)
     out, has = np.zeros((n, 468, 3), np.float32), np.zeros(n, bool)
     if entry is None or n == 0 or not len(entry[0]):

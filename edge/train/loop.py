@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from edge.atomic import atomic_file
 from edge.errors import ConfigError
@@ -129,7 +131,6 @@ def train(model: torch.nn.Module, dataset, collate, step_fn: StepFn, cfg: TrainC
     optional "lr_scale" multiplying the schedule's learning rate. after_step(step): called after every
     optimiser step, and once with the step resumed from (QAT freezes its observers by it).
     Returns the logged rows (this process)."""
-    from tqdm import tqdm
 
     env = env or dist_env()
     out = Path(cfg.out)
@@ -184,7 +185,6 @@ def train(model: torch.nn.Module, dataset, collate, step_fn: StepFn, cfg: TrainC
                     w.writerows(kept)
             new = not kept
         csv_file = open(out / "log.csv", "w" if new else "a", newline="")
-        from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(str(out / "tensorboard"), purge_step=step if step else None)
 

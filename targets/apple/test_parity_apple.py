@@ -1,9 +1,8 @@
 """macOS / iOS: a CoreML bundle on the Core ML runtime (macOS only)."""
 import platform
 
-import pytest
-
 import edgecheck
+import pytest
 import runtimes
 
 

@@ -6,15 +6,13 @@ import os
 import platform
 import time
 
-import numpy as np
-
 import edgecheck
+import numpy as np
 
 
 def bench_rows(bundle, run, name: str, threads: int, warmup: int = 5, runs: int = 30) -> dict:
     folder, meta, g = edgecheck.load_bundle(bundle)
     spec = meta["spec"]
-    mean, std = np.asarray(spec["mean"], np.float32), np.asarray(spec["std"], np.float32)
     canvas = g["canvases"][min(1, len(g["canvases"]) - 1)]
     size = canvas.shape[0]
     pri = edgecheck.priors(size, size, spec["arch"]["min_sizes"], spec["steps"])
@@ -23,10 +21,7 @@ def bench_rows(bundle, run, name: str, threads: int, warmup: int = 5, runs: int 
     canvas_input = edgecheck.takes_canvas(meta)
     for i in range(warmup + runs):
         t0 = time.perf_counter()
-        if canvas_input:  # the model normalises inside: nothing to do but hand over the canvas
-            x = np.ascontiguousarray(canvas[None])
-        else:
-            x = np.ascontiguousarray(((canvas.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None])
+        x = edgecheck.network_input(canvas, spec, canvas_input)
         t1 = time.perf_counter()
         out = run(x)
         t2 = time.perf_counter()

@@ -218,12 +218,21 @@ def takes_canvas(meta: dict) -> bool:
     return (io.get("input") or {}).get("format") == "bgr_pixels_nhwc"
 
 
+def network_input(canvas: np.ndarray, spec: dict, takes_canvas: bool) -> np.ndarray:
+    """The golden (S, S, 3) uint8 BGR canvas as the model's input: the canvas itself (batch 1) for a model that
+    normalises inside, else (1, 3, S, S) float32 (pixel - mean) / std. The numpy mirror of the project's
+    `edge.preprocess.normalise` (tests/test_device_suite.py proves them equal)."""
+    if takes_canvas:
+        return np.ascontiguousarray(canvas[None])
+    mean, std = np.asarray(spec["mean"], np.float32), np.asarray(spec["std"], np.float32)
+    return np.ascontiguousarray(((canvas.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None])
+
+
 def run_check(folder, runner) -> dict:
     """Run `runner` (NCHW float32, or the uint8 canvas where `takes_canvas` -> dict of outputs) on the golden canvases; compare with the golden
     detections under the bundle's gates. Returns the summary with "passed" and "failed"."""
     folder, meta, g = load_bundle(folder)
     spec, gates = meta["spec"], meta["gates"]
-    mean, std = np.asarray(spec["mean"], np.float32), np.asarray(spec["std"], np.float32)
     size = g["canvases"].shape[1]
     pri = priors(size, size, spec["arch"]["min_sizes"], spec["steps"])
     decoder = mesh_decoder_of(folder, meta)
@@ -233,10 +242,7 @@ def run_check(folder, runner) -> dict:
     start = 0
     canvas_input = takes_canvas(meta)
     for i, canvas in enumerate(g["canvases"]):
-        if canvas_input:  # the model normalises inside: it is given the uint8 canvas itself
-            x = np.ascontiguousarray(canvas[None])
-        else:
-            x = np.ascontiguousarray(((canvas.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None])
+        x = network_input(canvas, spec, canvas_input)
         out = {k: np.asarray(v, np.float32)[0] for k, v in runner(x).items()}
         for name in spec["output_names"]:
             d = float(np.abs(out[name][g["anchor_idx"][i]] - g[f"ref_{name}"][i]).max())

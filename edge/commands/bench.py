@@ -14,16 +14,39 @@ measured before and after the timed runs at each thread count, and a busy machin
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import onnxruntime as ort
+import torch
+from matplotlib.lines import Line2D
+from onnx import TensorProto, helper
+from tqdm import tqdm
 
+from edge.atomic import write_json
+from edge.bundle import load_bundle_runner, path_bytes, read_metadata
+from edge.commands.args import peer_pipeline
+from edge.commands.soak import rss_bytes
+from edge.contract import MAX_INPUT_SIZE
+from edge.evaluate.parity import reference_model
+from edge.outputs import check_args
+from edge.pipeline import Pipeline
 from edge.quiet import native_output_quiet
+from edge.runners import TorchRunner
+from edge.runners.tflite import TFLiteRunner
+from edge.samples import scene
+from edge.weights.fetch import cache_dir
+from edge.weights.load import load_weights
+from edge.weights.registry import REGISTRY
 
 # Pause before each candidate's block of runs. Five OpenVINO, TFLite and onnxruntime bundles in one run, 2 threads,
 # 640x640: without it every row came out 10-30 % slower than with it (OpenVINO FP32 9.8 against 7.1 ms, onnxruntime
@@ -43,7 +66,6 @@ class Candidate:
 
 def conv_macs(model, size: int) -> float:
     """MACs of one forward pass at size x size (convolutions; the rest is negligible here)."""
-    import torch
 
     total = 0.0
 
@@ -62,8 +84,6 @@ def conv_macs(model, size: int) -> float:
 
 def peak_macs_per_s(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> float:
     """Best-of-reps MAC rate of an n x n x n matrix product in onnxruntime."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
 
     if dtype == "fp32":
         node = helper.make_node("MatMul", ["a", "b"], ["c"])
@@ -86,14 +106,10 @@ def peak_macs_per_s(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> f
 
 def _peak_tflite(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> float:
     """A 1024^3 product through TFLite's own kernels (FULLY_CONNECTED), fp32 or PT2E int8; models cached."""
-    import torch
-
-    from converters.tflite_target import TFLiteRunner
-    from edge.weights import cache_dir
 
     path = cache_dir() / "bench" / f"matmul_{dtype}_{n}.tflite"
     if not path.is_file():
-        import litert_torch
+        import litert_torch  # optional: tflite extra
 
         path.parent.mkdir(parents=True, exist_ok=True)
         lin = torch.nn.Linear(n, n, bias=False).eval()
@@ -102,9 +118,15 @@ def _peak_tflite(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> floa
             with native_output_quiet():
                 em = litert_torch.convert(lin, (x,))
         else:
-            from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-            from litert_torch.quantize.quant_config import QuantConfig
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from litert_torch.quantize.pt2e_quantizer import (  # optional: tflite extra
+                PT2EQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from litert_torch.quantize.quant_config import QuantConfig  # optional: tflite extra
+            from torchao.quantization.pt2e.quantize_pt2e import (  # optional: tflite/train extra
+                convert_pt2e,
+                prepare_pt2e,
+            )
 
             q = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
             gm = prepare_pt2e(torch.export.export(lin, (x,)).module(), q)
@@ -125,15 +147,15 @@ def _peak_tflite(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> floa
 
 def _peak_openvino(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> float:
     """A 1024^3 product through OpenVINO's CPU kernels: f32 MatMul, or NNCF-quantised (u8 x i8)."""
-    import openvino as ov
-    import openvino.opset13 as ops
+    import openvino as ov  # optional: openvino extra
+    import openvino.opset13 as ops  # optional: openvino extra
 
     x = ops.parameter([n, n], ov.Type.f32, name="x")
     w = ops.constant(np.random.rand(n, n).astype(np.float32) - 0.5)
     m = ov.Model([ops.matmul(x, w, False, True)], [x], "matmul")
     data = np.random.rand(n, n).astype(np.float32)
     if dtype == "int8":
-        import nncf
+        import nncf  # optional: openvino extra
 
         m = nncf.quantize(m, nncf.Dataset([data]), subset_size=1, preset=nncf.QuantizationPreset.MIXED)
     c = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
@@ -143,8 +165,6 @@ def _peak_openvino(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> fl
 
 
 def _peak_torch(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> float:
-    import torch
-
     torch.set_num_threads(threads)
     a, b = torch.rand(n, n), torch.rand(n, n)
     a @ b
@@ -164,8 +184,6 @@ def _timed(fn) -> float:
 
 
 def rss_mb() -> float:
-    from edge.soak import rss_bytes
-
     return rss_bytes() / 2**20
 
 
@@ -181,12 +199,6 @@ def _distinct_tails(paths: list[Path]) -> list[str]:
 
 
 def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: int) -> list[Candidate]:
-    from converters.api import path_bytes
-    from converters.bundle import load_bundle_runner, read_metadata
-    from edge.cli import peer_pipeline
-    from edge.pipeline import Pipeline
-    from edge.weights import REGISTRY, load_weights
-
     model, _ = load_weights("default")
     ours_macs = conv_macs(model, input_size)
     out = []
@@ -199,7 +211,6 @@ def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: 
         name, source = f"{meta['target']} {meta['precision']}", model
         w = meta.get("weights", {})
         if w.get("sha256") != REGISTRY["default"].sha256:  # another model (a pruned one): its own name and MACs
-            from edge.parity_cli import reference_model
 
             name += f" [{w.get('name')}]"
             try:
@@ -216,10 +227,6 @@ def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: 
             for c, tag in zip((c for c, _ in group), _distinct_tails([Path(b).resolve() for _, b in group])):
                 c.name += f" <{tag}>"
     if torch_ref:
-        import torch
-
-        from edge.runners import TorchRunner
-
         torch.set_num_threads(threads)
         out.append(Candidate("pytorch fp32 (eager)", Pipeline(TorchRunner(model), model.spec.with_input_size(input_size)),
                              sum(p.numel() * 4 for p in model.parameters()), ours_macs, "fp32", "torch"))
@@ -243,12 +250,8 @@ def _timed_run(pipeline, image) -> dict[str, float]:
 
 
 def bench(candidates: list[Candidate], image: np.ndarray, warmup: int, runs: int, threads: int, progress: bool = True) -> list[dict]:
-    from tqdm import tqdm
-
-    import resource
-
     try:  # pre-processing resizes with OpenCV where it is installed: same thread budget as the runtimes
-        import cv2
+        import cv2  # optional: bench extra
 
         cv2.setNumThreads(threads)
     except ImportError:
@@ -321,10 +324,7 @@ def table(rows: list[dict], accuracy: dict[str, dict] | None = None) -> str:
 
 
 def plot(rows: list[dict], accuracy: dict[str, dict], out: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     names = [n for n in dict.fromkeys(r["name"] for r in rows) if n in accuracy]
     # one legend entry per model (colour), one per thread count (marker): 20 models at 2 thread counts stay legible
@@ -336,7 +336,6 @@ def plot(rows: list[dict], accuracy: dict[str, dict], out: Path) -> None:
             continue
         m = markers.setdefault(r["threads"], "osD^v"[len(markers) % 5])
         ax.scatter(r["ms"]["e2e"]["median"], 100 * accuracy[r["name"]]["hard"], color=colours[r["name"]], marker=m, s=36)
-    from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colours[n], marker="o", ls="", label=n) for n in names]
     handles += [Line2D([], [], color="grey", marker=m, ls="", label=f"{t} thread(s)") for t, m in markers.items()]
@@ -364,10 +363,6 @@ def write_report(rows: list[dict], accuracy: dict[str, dict], out_dir: str | Pat
 
 
 def cmd_bench(args) -> int:
-    from edge.atomic import write_json
-    from edge.outputs import check_args
-    from edge.samples import scene
-
     check_args(args, files=("json",), folders=("report",))
 
     accuracy = {}
@@ -391,15 +386,12 @@ def cmd_bench(args) -> int:
 
 
 def _hw(text: str) -> tuple[int, int]:
-    import argparse
-
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HxW, e.g. 720x1280, got {text!r}") from None
     if h < 32 or w < 32:
         raise argparse.ArgumentTypeError(f"image size {text} is too small (at least 32x32)")
-    from edge.contract import MAX_INPUT_SIZE
 
     if max(h, w) > MAX_INPUT_SIZE:
         raise argparse.ArgumentTypeError(f"image size {text} is larger than the limit of {MAX_INPUT_SIZE} a side")

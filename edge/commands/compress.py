@@ -3,69 +3,44 @@
 bar, checkpoints, exact resume, DistributedDataParallel under torchrun."""
 from __future__ import annotations
 
+import copy
 import json
+import random
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
-
-def agreement_on(images, teacher, student, spec) -> dict:
-    """Recall/precision/mean IoU of the student's faces against the teacher's (score 0.5), pooled over images."""
-    from edge.parity import detection_agreement
-    from edge.pipeline import Pipeline
-    from edge.runners import TorchRunner
-
-    tp, sp = Pipeline(TorchRunner(teacher), spec), Pipeline(TorchRunner(student), spec)
-    ref = cand = matched = 0
-    ious = []
-    for p in images:
-        prep = tp.preprocess(p)
-        a = detection_agreement(tp.postprocess(tp.runner(prep.tensor), prep), sp.postprocess(sp.runner(prep.tensor), prep))
-        ref, cand, matched = ref + a["ref_faces"], cand + a["cand_faces"], matched + a["matched"]
-        ious += a["iou"]
-    return {"images": len(images), "teacher_faces": ref, "student_faces": cand, "recall": matched / ref if ref else 1.0,
-            "precision": matched / cand if cand else 1.0, "mean_iou": float(np.mean(ious)) if ious else None}
-
-
-def _student_step(teacher, pri, loss_cfg, distill_weight: float, use_gt: bool, features: dict | None = None):
-    """Loss of one batch: distillation from the FP32 teacher (soft scores everywhere; boxes, landmarks and mesh
-    codes where the teacher is confident) plus, with labels, the multi-task loss on ground truth (hard negatives).
-    features: {"teacher": FeatureTaps, "student": FeatureTaps or None, "weight": w}: adds w x the feature-map
-    loss (quant.features) while a student's taps are set."""
-    import torch
-
-    from edge.train.multibox import multibox_loss
-    from quant.distill import distill_loss
-    from quant.features import feature_loss
-
-    def step(m, batch, device):
-        x, targets = batch
-        x = x.to(device)
-        out = m(x)
-        with torch.no_grad():
-            t = teacher(x)
-        loss, parts = distill_loss(out, t)
-        loss = distill_weight * loss
-        if features is not None:
-            t_feats = features["teacher"].pop()
-            if features["student"] is not None:
-                fl, fp = feature_loss(features["student"].pop(), t_feats)
-                loss = loss + features["weight"] * fl
-                parts = {**parts, **fp}
-        if use_gt:
-            gl, gp = multibox_loss(out, [{k: v.to(device) for k, v in tg.items()} for tg in targets], pri.to(device), loss_cfg)
-            loss = loss + gl
-            parts = {**parts, **{f"gt_{k}": v for k, v in gp.items()}}
-        return loss, parts
-
-    return step
+from calib_data.build import load_calibration
+from edge.anchors import priors
+from edge.atomic import atomic_file, write_json
+from edge.commands.args import add_model_args
+from edge.commands.train import add_train_args
+from edge.errors import ConfigError
+from edge.evaluate.parity import model_agreement
+from edge.image_io import image_files
+from edge.model import TupleOutputs
+from edge.train.augment import AugmentConfig
+from edge.train.data import DetectionDataset, collate
+from edge.train.detector import evaluate_on_samples
+from edge.train.labels import Sample, read_labels
+from edge.train.loop import TrainConfig, dist_env, train
+from edge.train.multibox import LossConfig
+from edge.weights.load import load_weights, read_state_dict
+from edge.widths import shrink_to
+from quant.config import check_module_names
+from quant.distill import student_step
+from quant.equalize import equalize as cle
+from quant.features import FeatureTaps, feature_widths, student_taps
+from quant.prune import Pruner, stage_config
+from quant.qat import NNCFQATQuantizer, QATQuantizer
 
 
 def parse_module_ratios(items: list[str]) -> dict[str, float]:
     """["body=0", "fpn=0.5"] -> {"body": 0.0, "fpn": 0.5}; ConfigError on anything else."""
-    from edge.errors import ConfigError
 
     out = {}
     for it in items:
@@ -81,24 +56,61 @@ def parse_module_ratios(items: list[str]) -> dict[str, float]:
 
 
 def cmd_compress(args) -> int:
-    import copy
-    import random
+    # 1. refuse a bad request before any work
+    overrides, float_modules, feature_names, qat_only = check_request(args)
+    root = Path(args.images)
+    val, train_set = split_samples(args, root)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = dist_env()
+    if env.world > 1 and args.importance == "taylor":
+        raise ConfigError("--importance taylor ranks channels on each process's own batch; use magnitude under torchrun")
+    # 2. the FP32 teacher, the held-out list, the training data and the loss
+    teacher, info = load_weights(args.weights, arch=args.arch)
+    check_module_names(teacher, [*overrides, *(args.freeze or []), *float_modules, *feature_names])
+    spec = teacher.spec.with_input_size(args.size)
+    teacher.spec = spec
+    teacher.to(env.device).eval()
+    for prm in teacher.parameters():
+        prm.requires_grad = False
+    out = Path(args.out)
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "heldout.txt").write_text("".join(s.path + "\n" for s in val))
+    pri = torch.from_numpy(priors(args.size, args.size, spec.arch.min_sizes, spec.steps))
+    dataset = DetectionDataset(train_set, root, spec, args.size, augment=AugmentConfig(), seed=args.seed)
+    features = None
+    if feature_names:
+        features = {"teacher": FeatureTaps(teacher, feature_names), "student": None, "weight": args.feature_weight,
+                    "widths": feature_widths(teacher, feature_names), "names": feature_names}
+    step = student_step(teacher, pri, LossConfig(neg_pos=args.neg_pos), args.distill_weight, bool(args.labels), features)
+    t0 = time.perf_counter()
+    # 3. pruning in stages, each recovered by distillation
+    student, reports = prune_stages(args, teacher, info, spec, dataset, step, features, overrides, feature_names,
+                                    len(train_set), out, env, stages=0 if qat_only else args.stages)
+    # 4. quantisation-aware training of the pruned model, distilled from the unpruned FP32 one
+    qat_report = None
+    if args.qat_steps or args.qat_epochs:
+        qat_report = quantisation_aware_training(args, student, info, spec, dataset, step, features, float_modules,
+                                                 feature_names, len(train_set), out, env)
+    if features is not None:
+        features["teacher"].close()
+    checksums = same_weights_everywhere(student, env)
+    if not env.main:
+        return 0
+    # 5. the final float model, its cost and its agreement with the teacher: summary.json, written once
+    model = copy.deepcopy(teacher).cpu().eval() if qat_only else final_model(out, args.stages)
+    teacher = teacher.cpu()
+    model.spec = spec
+    summary = summarise(args, teacher, model, spec, root, val, reports, qat_report, checksums, env, t0)
+    write_json(out / "summary.json", summary)
+    # 6. what was made and how to use it
+    print_summary(args, summary, out, len(val), qat_only)
+    return 0
 
-    import torch
 
-    from calib_data.build import image_files
-    from edge.anchors import priors
-    from edge.atomic import atomic_file
-    from edge.errors import ConfigError
-    from edge.train.augment import AugmentConfig
-    from edge.train.data import DetectionDataset, collate
-    from edge.train.labels import Sample, read_labels
-    from edge.train.loop import TrainConfig, dist_env, train
-    from edge.train.multibox import LossConfig
-    from edge.weights import load_weights, read_state_dict
-    from quant.config import check_module_names
-    from quant.prune import Pruner, shrink_to, stage_config
-
+def check_request(args) -> tuple[dict, tuple, tuple, bool]:
+    """Every refusal, before any work. -> (per-module ratios, float modules, distilled feature maps, QAT only)."""
     root = Path(args.images)
     if not root.is_dir():
         raise ConfigError(f"--images {root}: not a folder")
@@ -139,6 +151,13 @@ def cmd_compress(args) -> int:
         raise ConfigError(f"--feature-weight must be positive, got {args.feature_weight}")
     if feature_names and args.qat_backend == "nncf" and (args.qat_steps or args.qat_epochs):
         raise ConfigError("--distill-features taps the pt2e QAT program; the nncf backend does not support it")
+    if args.stages and args.iters and args.iters // args.stages < 1:
+        raise ConfigError("--iters must be at least --stages")
+    return overrides, float_modules, feature_names, qat_only
+
+
+def split_samples(args, root: Path) -> tuple[list, list]:
+    """The labelled images (or every image, no faces, for distillation only), shuffled by --seed: (held out, training)."""
     if args.labels:
         samples = read_labels(args.labels)
     else:  # distillation only: every image, no faces labelled
@@ -150,40 +169,18 @@ def cmd_compress(args) -> int:
     random.Random(args.seed).shuffle(samples)
     n_val = max(1, min(args.val, len(samples) // 5))
     val, train_set = samples[:n_val], samples[n_val:]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = dist_env()
-    if env.world > 1 and args.importance == "taylor":
-        raise ConfigError("--importance taylor ranks channels on each process's own batch; use magnitude under torchrun")
-    teacher, info = load_weights(args.weights, arch=args.arch)
-    check_module_names(teacher, [*overrides, *(args.freeze or []), *float_modules, *feature_names])
-    spec = teacher.spec.with_input_size(args.size)
-    teacher.spec = spec
-    teacher.to(env.device).eval()
-    for prm in teacher.parameters():
-        prm.requires_grad = False
-    out = Path(args.out)
-    if env.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "heldout.txt").write_text("".join(s.path + "\n" for s in val))
-    pri = torch.from_numpy(priors(args.size, args.size, spec.arch.min_sizes, spec.steps))
-    loss_cfg = LossConfig(neg_pos=args.neg_pos)
-    dataset = DetectionDataset(train_set, root, spec, args.size, augment=AugmentConfig(), seed=args.seed)
-    features = None
-    if feature_names:
-        from quant.features import FeatureTaps, feature_widths, student_taps
+    return val, train_set
 
-        teacher_widths = feature_widths(teacher, feature_names)
-        features = {"teacher": FeatureTaps(teacher, feature_names), "student": None, "weight": args.feature_weight}
-    step = _student_step(teacher, pri, loss_cfg, args.distill_weight, bool(args.labels), features)
+
+def prune_stages(args, teacher, info, spec, dataset, step, features, overrides, feature_names, n_images: int, out: Path,
+                 env, stages: int):
+    """Stage k of `stages` prunes k / stages of the ratio (of the teacher's widths) and recovers by distillation;
+    a finished stage is resumed from its final.pth. -> (the student, one report per stage)."""
     iters = args.iters // args.stages if args.iters else None
-    if args.iters and iters < 1:
-        raise ConfigError("--iters must be at least --stages")
     student, reports = copy.deepcopy(teacher).cpu(), []
     for prm in student.parameters():  # torch-pruning leaves layers whose weights do not require grad alone
         prm.requires_grad = True
-    t0 = time.perf_counter()
-    for k in range(1, (0 if qat_only else args.stages) + 1):  # stage k: k / stages of the ratio, of the teacher's widths
+    for k in range(1, stages + 1):
         sdir = out / f"stage{k}"
         final, last = sdir / "final.pth", sdir / "last.pth"
         if final.exists():  # stage done in an earlier run
@@ -218,13 +215,13 @@ def cmd_compress(args) -> int:
                                  "freeze": list(args.freeze or []), "importance": args.importance,
                                  "labels": str(args.labels) if args.labels else None, "distill_weight": args.distill_weight,
                                  "distill_features": list(feature_names), "feature_weight": args.feature_weight if feature_names else None,
-                                 "images": len(train_set)})
+                                 "images": n_images})
         meta = {"format": 1, "kind": "pruned", "arch": info.arch.name, "teacher": {"name": info.name, "sha256": info.sha256},
                 "train": cfg.extra}
         if spec.mesh_vertices:
             meta["mesh"] = {"vertices": spec.mesh_vertices, "rank": spec.mesh_rank}
         if features is not None:
-            features["student"] = student_taps(student, feature_names, teacher_widths)
+            features["student"] = student_taps(student, feature_names, features["widths"])
         try:
             train(student, dataset, collate, step, cfg, meta=meta, resume=last if last.exists() and args.resume else None, env=env)
         finally:
@@ -232,95 +229,97 @@ def cmd_compress(args) -> int:
                 features["student"].close()
                 features["student"] = None
         student = student.cpu().eval()
-    qat_report = None
-    if args.qat_steps or args.qat_epochs:  # quantisation-aware training of the pruned model, distilled from the unpruned FP32 one
-        from quant.qat import NNCFQATQuantizer, QATQuantizer
+    return student, reports
 
-        qdir, qfinal = out / "qat", out / "qat.pth"
-        if qfinal.exists():
-            qat_report = {"resumed": "done"}
-        else:
-            cs, qmodel, eq_report = None, student, None
-            if args.qat_backend == "nncf" or not args.observe_steps:  # ranges as PTQ sets them, on edge-convert's calibration set
-                from calib_data.build import load_calibration
 
-                cs = load_calibration(args.calib, args.size, args.calib_count, spec.mean, progress=not args.quiet)
-            if args.qat_backend == "nncf":
-                q = NNCFQATQuantizer(student, size=args.size)
-                net = q.prepare(cs.tensors(spec))
-            else:
-                if args.qat_equalize:  # as edge-convert's PT2E PTQ does: QAT starts where PTQ ends
-                    from quant.equalize import equalize as cle
+def quantisation_aware_training(args, student, info, spec, dataset, step, features, float_modules, feature_names,
+                                n_images: int, out: Path, env) -> dict:
+    """QAT of `student` (OUT/qat.pth: its float weights and the trained program). -> the QAT report."""
+    qdir, qfinal = out / "qat", out / "qat.pth"
+    if qfinal.exists():
+        return {"resumed": "done"}
+    cs, qmodel, eq_report = None, student, None
+    if args.qat_backend == "nncf" or not args.observe_steps:  # ranges as PTQ sets them, on edge-convert's calibration set
 
-                    qmodel, eq_report = cle(student)
-                    qmodel.spec = spec
-                q = QATQuantizer(qmodel, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules,
-                                 full_integer=args.qat_graph == "full-integer")
-                net = q.prepare()
-                if cs is not None:
-                    q.calibrate(cs.tensors(spec))
-                if args.qat_ranges == "learnt":
-                    q.learn_ranges()
-            cfg = TrainConfig(out=str(qdir), iters=args.qat_steps or None, epochs=args.qat_epochs or 1, batch=args.batch,
-                              lr=args.qat_lr, optimizer="adamw", weight_decay=0.0,
-                              warmup=min(args.warmup, args.qat_steps or args.warmup), workers=args.workers, seed=args.seed + 100,
-                              save_every=args.save_every, bn="frozen", progress=not args.quiet,
-                              extra={"qat_backend": args.qat_backend, "qat_graph": args.qat_graph, "qat_ranges": args.qat_ranges,
-                                     "float_modules": list(float_modules),
-                                     "equalize": bool(args.qat_equalize and args.qat_backend == "pt2e"),
-                                     "distill_features": list(feature_names), "feature_weight": args.feature_weight if feature_names else None,
-                                     "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
-                                     "observe_steps": args.observe_steps, "images": len(train_set),
-                                     "calib": None if cs is None else (args.calib or "built-in"), "calib_count": args.calib_count})
-            last = qdir / "last.pth"
-            if features is not None and q.backend == "pt2e":
-                features["student"] = student_taps(qmodel, feature_names, teacher_widths, q.gm)
-            try:
-                train(net, dataset, collate, step, cfg, meta={"format": 1, "kind": "qat-run", "arch": info.arch.name},
-                      resume=last if last.exists() and args.resume else None, env=env, after_step=q.step)
-            finally:
-                if features is not None and features["student"] is not None:
-                    features["student"].close()
-                    features["student"] = None
-            if q.backend == "pt2e":
-                q.write_back()  # learnt ranges into the program's own quantisers: the checkpoint has one layout
-            qat_report = {**q.report(), "cross_layer_equalization": eq_report}
-            if env.main:
-                meta = {"format": 1, "kind": "qat", "arch": info.arch.name, "teacher": {"name": info.name, "sha256": info.sha256},
-                        "train": cfg.extra, "qat": qat_report, "size": args.size}
-                if spec.mesh_vertices:
-                    meta["mesh"] = {"vertices": spec.mesh_vertices, "rank": spec.mesh_rank}
-                program = q.quantized if q.backend == "nncf" else net
-                ck = {"state_dict": q.float_state(qmodel), "qat_state": {k: v.detach().cpu() for k, v in program.state_dict().items()},
-                      "retinaface_edge": meta}
-                if q.backend == "nncf":
-                    ck["nncf_config"] = json.dumps(q.config())
-                with atomic_file(qfinal) as tmp:
-                    torch.save(ck, tmp)
-    if features is not None:
-        features["teacher"].close()
+        cs = load_calibration(args.calib, args.size, args.calib_count, spec.mean, progress=not args.quiet)
+    if args.qat_backend == "nncf":
+        q = NNCFQATQuantizer(student, size=args.size)
+        net = q.prepare(cs.tensors(spec))
+    else:
+        if args.qat_equalize:  # as edge-convert's PT2E PTQ does: QAT starts where PTQ ends
+
+            qmodel, eq_report = cle(student)
+            qmodel.spec = spec
+        q = QATQuantizer(qmodel, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules,
+                         full_integer=args.qat_graph == "full-integer")
+        net = q.prepare()
+        if cs is not None:
+            q.calibrate(cs.tensors(spec))
+        if args.qat_ranges == "learnt":
+            q.learn_ranges()
+    cfg = TrainConfig(out=str(qdir), iters=args.qat_steps or None, epochs=args.qat_epochs or 1, batch=args.batch,
+                      lr=args.qat_lr, optimizer="adamw", weight_decay=0.0,
+                      warmup=min(args.warmup, args.qat_steps or args.warmup), workers=args.workers, seed=args.seed + 100,
+                      save_every=args.save_every, bn="frozen", progress=not args.quiet,
+                      extra={"qat_backend": args.qat_backend, "qat_graph": args.qat_graph, "qat_ranges": args.qat_ranges,
+                             "float_modules": list(float_modules),
+                             "equalize": bool(args.qat_equalize and args.qat_backend == "pt2e"),
+                             "distill_features": list(feature_names), "feature_weight": args.feature_weight if feature_names else None,
+                             "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
+                             "observe_steps": args.observe_steps, "images": n_images,
+                             "calib": None if cs is None else (args.calib or "built-in"), "calib_count": args.calib_count})
+    last = qdir / "last.pth"
+    if features is not None and q.backend == "pt2e":
+        features["student"] = student_taps(qmodel, feature_names, features["widths"], q.gm)
+    try:
+        train(net, dataset, collate, step, cfg, meta={"format": 1, "kind": "qat-run", "arch": info.arch.name},
+              resume=last if last.exists() and args.resume else None, env=env, after_step=q.step)
+    finally:
+        if features is not None and features["student"] is not None:
+            features["student"].close()
+            features["student"] = None
+    if q.backend == "pt2e":
+        q.write_back()  # learnt ranges into the program's own quantisers: the checkpoint has one layout
+    qat_report = {**q.report(), "cross_layer_equalization": eq_report}
+    if env.main:
+        meta = {"format": 1, "kind": "qat", "arch": info.arch.name, "teacher": {"name": info.name, "sha256": info.sha256},
+                "train": cfg.extra, "qat": qat_report, "size": args.size}
+        if spec.mesh_vertices:
+            meta["mesh"] = {"vertices": spec.mesh_vertices, "rank": spec.mesh_rank}
+        program = q.quantized if q.backend == "nncf" else net
+        ck = {"state_dict": q.float_state(qmodel), "qat_state": {k: v.detach().cpu() for k, v in program.state_dict().items()},
+              "retinaface_edge": meta}
+        if q.backend == "nncf":
+            ck["nncf_config"] = json.dumps(q.config())
+        with atomic_file(qfinal) as tmp:
+            torch.save(ck, tmp)
+    return qat_report
+
+
+def same_weights_everywhere(student, env) -> list[float]:
+    """The parameter checksum of every process (under torchrun they must all agree)."""
     checksums = [float(sum(v.double().sum() for v in student.state_dict().values() if v.is_floating_point()))]
     if env.world > 1:  # every process must end with the same weights
-        import torch.distributed as dist
 
         gathered = [None] * env.world
         dist.all_gather_object(gathered, checksums[0])
         checksums = gathered
         dist.destroy_process_group()
-    if not env.main:
-        return 0
-    if qat_only:  # the float model is the teacher itself
-        model = copy.deepcopy(teacher).cpu().eval()
-    else:
-        stage_final = out / f"stage{args.stages}" / "final.pth"
-        with atomic_file(out / "final.pth") as tmp:
-            tmp.write_bytes(stage_final.read_bytes())
-        model, _ = load_weights(out / "final.pth")
-    teacher = teacher.cpu()
-    model.spec = spec
-    import torch_pruning as tp
+    return checksums
 
-    from edge.model import TupleOutputs
+
+def final_model(out: Path, stages: int):
+    """OUT/final.pth, a copy of the last stage's, loaded."""
+    stage_final = out / f"stage{stages}" / "final.pth"
+    with atomic_file(out / "final.pth") as tmp:
+        tmp.write_bytes(stage_final.read_bytes())
+    model, _ = load_weights(out / "final.pth")
+    return model
+
+
+def summarise(args, teacher, model, spec, root: Path, val, reports, qat_report, checksums, env, t0: float) -> dict:
+    """Stages, cost (GMACs, parameters) of teacher and student, and their agreement on the held-out images."""
+    import torch_pruning as tp  # optional: train extra
 
     x = torch.zeros(1, 3, args.size, args.size)
     macs = [tp.utils.count_ops_and_params(TupleOutputs(m), x) for m in (teacher, model)]
@@ -328,19 +327,20 @@ def cmd_compress(args) -> int:
                "heldout": {"images": len(val), "list": "heldout.txt"},
                "world_size": env.world, "param_checksums": checksums, "qat": qat_report, "seconds": round(time.perf_counter() - t0, 1)}
     paths = [root / s.path for s in val]
-    summary["agreement_with_teacher"] = agreement_on(paths, teacher, model, spec)
+    summary["agreement_with_teacher"] = model_agreement(paths, teacher, model, spec)
     if args.labels:
-        from edge.train.detector import evaluate_on_samples
-
         summary["heldout_ap"] = {"teacher": evaluate_on_samples(teacher, val, root, args.size),
                                  "student": evaluate_on_samples(model, val, root, args.size)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def print_summary(args, summary: dict, out: Path, n_val: int, qat_only: bool) -> None:
     a = summary["agreement_with_teacher"]
     if not qat_only:
         print(f"pruned {args.prune:.0%} in {args.stages} stage(s): {summary['gmacs'][0]:.3f} -> {summary['gmacs'][1]:.3f} GMACs at "
               f"{args.size}, {summary['params'][0]:,} -> {summary['params'][1]:,} parameters")
     if not qat_only:  # the float student is the teacher itself: its int8 agreement is edge parity's
-        print(f"teacher-face recall on {len(val)} held-out images {a['recall']:.3f} (precision {a['precision']:.3f}, "
+        print(f"teacher-face recall on {n_val} held-out images {a['recall']:.3f} (precision {a['precision']:.3f}, "
               f"mean IoU {a['mean_iou'] or 0:.4f})")
     if "heldout_ap" in summary:
         h = summary["heldout_ap"]
@@ -353,13 +353,9 @@ def cmd_compress(args) -> int:
     if not qat_only:
         print(f"wrote {out / 'final.pth'} (use with --weights; `edge eval widerface --list {out / 'heldout.txt'}` for easy/medium/hard)",
               file=sys.stderr)
-    return 0
 
 
 def register(sub) -> None:
-    from edge.cli import add_model_args
-    from edge.train.detector import add_train_args
-
     p = sub.add_parser("compress", help="prune the model in stages, each recovered by distillation from the FP32 model")
     add_model_args(p, bundle=False)
     p.add_argument("--images", required=True, help="training images (a held-out part validates)")

@@ -1,10 +1,29 @@
 """Parity building blocks: tensor-level errors and detection matching against the reference."""
 from __future__ import annotations
 
-import numpy as np
-from scipy.optimize import linear_sum_assignment
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from scipy.optimize import linear_sum_assignment
+from tqdm import tqdm
+
+from edge.bundle import load_bundle_runner, read_metadata
+from edge.contract import ModelSpec
+from edge.draw import draw_detections, face_crop
+from edge.errors import BundleError, ConfigError
+from edge.image_io import image_files, load_image
+from edge.pipeline import Pipeline, PostConfig
 from edge.postprocess import Detections, box_iou
+from edge.runners import TorchRunner
+from edge.samples import parity_images
+from edge.weights.load import load_weights
+from edge.weights.registry import REGISTRY
 
 
 def tensor_errors(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -68,11 +87,7 @@ def detection_agreement(ref: Detections, cand: Detections, iou_threshold: float 
 
 # --- the harness -------------------------------------------------------------------------------
 
-import json
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-
-GATES_FILE = Path(__file__).with_name("parity_gates.json")
+GATES_FILE = Path(__file__).parents[1] / "parity_gates.json"  # edge/parity_gates.json, the reviewed bounds
 
 
 def load_gates(target: str, precision: str) -> dict:
@@ -155,9 +170,6 @@ class ParityReport:
 def _worst_faces(rep: ParityReport, dets: dict, images: dict, png: Path, k: int = 6) -> str | None:
     """A grid of the k matched faces with the largest mesh NME (landmark NME without a mesh), reference and
     candidate side by side, zoomed so that mesh and landmarks can be told apart. Returns the file name."""
-    from PIL import Image, ImageDraw
-
-    from edge.draw import face_crop
 
     key = "mesh_nme" if any("mesh_nme" in i.agreement for i in rep.images) else "landmark_nme"
     faces = [(v, i, n) for i in rep.images for n, v in enumerate(i.agreement.get(key, []))]
@@ -214,9 +226,6 @@ def compare(reference, candidate, spec, images, *, target: str, precision: str, 
             score_threshold: float = 0.5, match_iou: float = 0.5, progress: bool = False) -> tuple[ParityReport, dict]:
     """Run reference and candidate runners through the same pipeline on `images` ((name, BGR array)
     pairs). Returns the report and the detections per image (for pictures)."""
-    from tqdm import tqdm
-
-    from edge.pipeline import Pipeline, PostConfig
 
     post = PostConfig(score_threshold=score_threshold)
     rp, cp = Pipeline(reference, spec, post), Pipeline(candidate, spec, post)
@@ -235,12 +244,8 @@ def compare(reference, candidate, spec, images, *, target: str, precision: str, 
 
 def write_report(rep: ParityReport, summary: dict, gates: dict, failed: list[str], dets: dict, images: dict, out_dir: str | Path) -> Path:
     """Markdown report with a summary table, error histograms and overlays of the worst images."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from edge.draw import draw_detections
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,3 +328,79 @@ def write_report(rep: ParityReport, summary: dict, gates: dict, failed: list[str
                      f"{fmt(float(np.mean(a['iou'])) if a['iou'] else None)} | {fmt(float(np.mean(a['landmark_nme'])) if a.get('landmark_nme') else None)} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def reference_model(meta: dict, weights: str | None = None):
+    """The FP32 model the bundle was converted from, checked by SHA-256."""
+
+    w = meta["weights"]
+    by_name = w.get("known") and w["name"] in REGISTRY and (w["name"] == "default" or REGISTRY[w["name"]].file)
+    source = weights or (w["name"] if by_name else w.get("path") or w["name"])
+    try:
+        model, info = load_weights(source, arch=None if w.get("known") else w["arch"])
+    except Exception as e:  # noqa: BLE001 - re-raised with the bundle's context
+        raise BundleError(f"cannot load the bundle's reference weights {source!r} ({e}); pass --weights") from None
+    if info.sha256 != w["sha256"]:
+        raise BundleError(f"reference weights {source!r} have SHA-256 {info.sha256[:12]}, the bundle was made from {w['sha256'][:12]}")
+    return model
+
+
+def reference_runner(model, device: str):
+    """TorchRunner on CUDA when asked and available (TF32 off), else CPU. -> (runner, device used)."""
+
+    if device == "cuda" and torch.cuda.is_available():
+        return TorchRunner(model, "cuda"), f"cuda ({torch.cuda.get_device_name(0)}, TF32 disabled)"
+    used = "cpu" if device == "cpu" else "cpu (CUDA asked for but not available)"
+    return TorchRunner(model, "cpu"), used
+
+
+def builtin_images(spec) -> list[tuple[str, np.ndarray]]:
+    canvases, names = parity_images(spec.input_size, spec.mean)
+    return list(zip(names, canvases))
+
+
+def folder_images(folder: str | Path, limit: int | None) -> list[tuple[str, np.ndarray]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"--images {folder}: not a folder")
+    paths = image_files(folder)
+    if limit:
+        paths = paths[:limit]
+    if not paths:
+        raise ConfigError(f"--images {folder}: no images found")
+    return [(str(p.relative_to(folder)), load_image(p)) for p in paths]
+
+
+def run_parity(bundle: str | Path, images=None, *, reference_device: str = "cpu", weights: str | None = None,
+               runner=None, reference_model_obj=None, meta: dict | None = None, progress: bool = False):
+    """-> (summary dict with "passed", report, detections, images dict). `runner`/`reference_model_obj`/`meta`
+    let edge-convert check a bundle still in its temporary folder, before its metadata is written."""
+    folder, meta = (Path(bundle), meta) if meta is not None else read_metadata(bundle)
+    spec = ModelSpec.from_dict(meta["spec"])
+    if runner is None:
+        runner, spec, _ = load_bundle_runner(folder)
+    model = reference_model_obj if reference_model_obj is not None else reference_model(meta, weights)
+    ref, used = reference_runner(model, reference_device)
+    gates = load_gates(meta["target"], meta["precision"])
+    imgs = images if images is not None else builtin_images(spec)
+    rep, dets = compare(ref, runner, spec, imgs, target=meta["target"], precision=meta["precision"], reference_device=used,
+                        score_threshold=gates["score_threshold"], match_iou=gates["match_iou"], progress=progress)
+    summary = rep.summary()
+    failed = check_gates(summary, gates)
+    summary = {"passed": not failed, "failed": failed, **summary, "gates": gates}
+    return summary, rep, dets, dict(imgs)
+
+
+def model_agreement(images, teacher, student, spec) -> dict:
+    """Recall/precision/mean IoU of the student's faces against the teacher's (score 0.5), pooled over images."""
+
+    tp, sp = Pipeline(TorchRunner(teacher), spec), Pipeline(TorchRunner(student), spec)
+    ref = cand = matched = 0
+    ious = []
+    for p in images:
+        prep = tp.preprocess(p)
+        a = detection_agreement(tp.postprocess(tp.runner(prep.tensor), prep), sp.postprocess(sp.runner(prep.tensor), prep))
+        ref, cand, matched = ref + a["ref_faces"], cand + a["cand_faces"], matched + a["matched"]
+        ious += a["iou"]
+    return {"images": len(images), "teacher_faces": ref, "student_faces": cand, "recall": matched / ref if ref else 1.0,
+            "precision": matched / cand if cand else 1.0, "mean_iou": float(np.mean(ious)) if ious else None}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.errors import BundleError
+
 
 class UnsupportedOp(NotImplementedError):
     pass
@@ -24,16 +26,17 @@ _NP = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int8": np.in
        "uint16": np.uint16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 
 
-def _ct():
+def import_coremltools():
+    """coremltools, imported with its console output swallowed (on Linux it prints a line per missing native proxy)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import coremltools as ct
+        import coremltools as ct  # optional: coreml extra
     return ct
 
 
 def load_program(mlpackage: str | Path):
     """(pymil Program, model spec) of a saved .mlpackage, through coremltools' MIL reader."""
-    ct = _ct()
-    from coremltools.converters.mil.frontend.milproto.load import load
+    ct = import_coremltools()
+    from coremltools.converters.mil.frontend.milproto.load import load  # optional: coreml extra
 
     pkg = Path(mlpackage)
     spec = ct.utils.load_spec(str(pkg))
@@ -42,7 +45,7 @@ def load_program(mlpackage: str | Path):
 
 
 def _dtype(var) -> type:
-    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil import types  # optional: coreml extra
 
     name = types.builtin_to_string(var.dtype)
     if name not in _NP:
@@ -211,8 +214,6 @@ class InterpretedCoreMLRunner:
     """Runs a CoreML bundle's mlprogram with the numpy interpreter. NCHW float32 in, named outputs (float32) out."""
 
     def __init__(self, mlpackage: str | Path, output_names, name: str = "coreml"):
-        from edge.errors import BundleError
-
         try:
             prog, spec = load_program(mlpackage)
         except Exception as e:  # noqa: BLE001 - coremltools raises RuntimeError/ValueError/KeyError on damaged packages

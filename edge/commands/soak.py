@@ -8,6 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from edge.atomic import write_json
+from edge.bundle import load_bundle_runner
+from edge.outputs import check_args
+from edge.pipeline import Pipeline
+from edge.samples import scene
+
 
 def rss_bytes() -> int:
     """Current resident set size (Linux /proc), else the peak from getrusage."""
@@ -20,12 +28,6 @@ def rss_bytes() -> int:
 
 
 def soak(bundle: str, n: int, warmup: int, every: int = 500, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
-    from converters.bundle import load_bundle_runner
-    from edge.pipeline import Pipeline
-    from edge.samples import scene
-
     runner, spec, desc = load_bundle_runner(bundle)
     pipe = Pipeline(runner, spec)
     image = scene(5)
@@ -48,9 +50,6 @@ def soak(bundle: str, n: int, warmup: int, every: int = 500, progress: bool = Tr
 
 
 def cmd_soak(args) -> int:
-    from edge.atomic import write_json
-    from edge.outputs import check_args
-
     check_args(args, files=("json",))
     results = []
     ok = True

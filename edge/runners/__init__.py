@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 import numpy as np
+import onnxruntime as ort
+import torch
 
 Outputs = dict[str, np.ndarray]
 
@@ -19,8 +21,6 @@ class TorchRunner:
     """The FP32 PyTorch model (reference). device: "cpu" or "cuda" (TF32 disabled on CUDA)."""
 
     def __init__(self, model, device: str = "cpu"):
-        import torch
-
         if device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
@@ -42,8 +42,6 @@ class OnnxRunner:
     """onnxruntime on the CPU. `model` is a path or the serialised bytes."""
 
     def __init__(self, model, threads: int | None = None, name: str = "onnxruntime"):
-        import onnxruntime as ort
-
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

@@ -1,0 +1,1 @@
+"""Weights: the registry (data), fetching and caching (fetch), checkpoint reading and loading (load)."""
