@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from edge.mesh import mesh_edges
 from edge.postprocess import Detections
@@ -69,3 +69,36 @@ def face_crop(image_bgr: np.ndarray, box, faces: list[tuple[Detections, tuple[in
     k = size / n
     return draw_detections(big, [(moved(d, (x0, y0), k), c) for d, c in faces], scores=False)
 
+
+def track_colour(track_id: int | None) -> tuple[int, int, int]:
+    """A stable, distinct RGB colour per track ID (grey for an untracked face)."""
+    if track_id is None or track_id < 0:
+        return (160, 160, 160)
+    h = (track_id * 0.618033988749895) % 1.0  # golden-ratio hue steps
+    i, f = int(h * 6), h * 6 - int(h * 6)
+    p, q, t = 60, int(255 - 195 * f), int(60 + 195 * f)
+    return [(255, t, p), (q, 255, p), (p, 255, t), (p, q, 255), (t, p, 255), (255, p, q)][i % 6]
+
+
+def draw_stream_frame(image_bgr: np.ndarray, det: Detections, ids: np.ndarray | None, fps: float | None,
+                      mesh: bool = False) -> np.ndarray:
+    """One annotated video frame (BGR uint8): each face in its track's colour with "id N", landmarks, the mesh
+    when asked, and the measured frames per second in the corner."""
+    shown = det if mesh else Detections(det.boxes, det.scores, det.landmarks, None, det.anchors)
+    if ids is None:
+        img = draw_detections(image_bgr, [(shown, (0, 255, 0))], scores=False)
+    else:
+        img = draw_detections(image_bgr, [(shown.take([i]), track_colour(int(ids[i]))) for i in range(len(det))], scores=False)
+    d = ImageDraw.Draw(img)
+    px = max(12, round(img.size[1] / 36))  # text height: 20 px on 720p
+    font = ImageFont.load_default(size=px)
+    if ids is not None:
+        for i in range(len(det)):
+            x1, y1 = float(det.boxes[i, 0]), float(det.boxes[i, 1])
+            d.text((x1, max(0.0, y1 - px - 2)), f"id {int(ids[i])}" if ids[i] >= 0 else "-", fill=track_colour(int(ids[i])),
+                   font=font)
+    if fps is not None:
+        label = f"{fps:5.1f} fps"
+        d.rectangle([0, 0, d.textlength(label, font=font) + 10, px + 8], fill=(0, 0, 0))
+        d.text((5, 4), label, fill=(255, 255, 255), font=font)
+    return np.ascontiguousarray(np.asarray(img)[..., ::-1])

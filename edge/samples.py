@@ -64,3 +64,27 @@ def parity_images(size: int, mean) -> tuple[np.ndarray, list[str]]:
             ("scene_c", scene(13, (720, 1280), 12)), ("scene_d", scene(14, (1280, 960), 10))]
     return np.stack([letterbox_uint8(im, size, mean) for _, im in imgs]), [n for n, _ in imgs]
 
+
+def moving_faces(frames: int = 60, size: tuple[int, int] = (720, 1280), faces: int = 4, seed: int = 5):
+    """Yield (frame, heads) `frames` times: a deterministic BGR uint8 clip made from the built-in portrait, with
+    `faces` heads that drift across a textured background and grow or shrink smoothly, each in its own lane so that
+    none hides another; heads: (faces, 4) x1, y1, x2, y2 of each pasted head (the truth for ID measurements)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    background = np.stack([90 + 40 * np.sin(xx / 41 + c) * np.cos(yy / 57) for c in range(3)], axis=-1)
+    background = np.clip(background + rng.normal(0, 5, background.shape) + 0.5, 0, 255).astype(np.uint8)
+    head = grace_hopper()[20:420, 56:456]
+    lane = w / faces
+    side0 = [rng.uniform(0.2, 0.3) * h for _ in range(faces)]
+    start = [(lane * i + rng.uniform(0, max(1.0, lane - 1.25 * s)), rng.uniform(0.05, 0.45) * h) for i, s in enumerate(side0)]
+    speed = [(rng.uniform(-1.0, 1.0), rng.uniform(-2.5, 2.5)) for _ in range(faces)]
+    for t in range(frames):
+        img, heads = background.copy(), np.zeros((faces, 4), np.float32)
+        for i in range(faces):
+            side = int(side0[i] * (1 + 0.25 * np.sin(2 * np.pi * t / max(frames, 1) + i)))
+            x = int(np.clip(start[i][0] + speed[i][0] * t, lane * i, min(w, lane * (i + 1)) - side))
+            y = int(np.clip(start[i][1] + speed[i][1] * t, 0, h - side))
+            img[y:y + side, x:x + side] = np.clip(resize_bilinear(head, side, side) + 0.5, 0, 255).astype(np.uint8)
+            heads[i] = (x, y, x + side, y + side)
+        yield img, heads

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 from converters.bundle import write_metadata
-from edge.bundle import read_metadata
+from edge.bundle import load_bundle_runner, read_metadata
 from edge.pipeline import Pipeline, PostConfig
+from edge.postprocess import box_iou
 from edge.preprocess import letterbox_uint8, normalise, prepare
 from edge.runners import TorchRunner
+from edge.samples import moving_faces
+from edge.stream import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 RPI_VENV = ROOT / ".venv-rpi"
@@ -170,3 +173,32 @@ def test_rpi_suite_refuses_tampered_bundles(rpi_python, bundles, tmp_path):
         assert r.returncode != 0, f"{case}: the suite passed a tampered bundle"
         assert TAMPER_CASES[case] in r.stdout and "AttributeError" not in r.stdout, (case, r.stdout[-2000:])
 
+
+def test_rpi_stream_script_runs_a_clip(rpi_python, bundles, tmp_path):
+    """targets/rpi/stream.py in the bookworm-like environment (numpy 1.26, tflite-runtime, OpenCV, no torch) on a
+    generated clip: a JSON line per frame, the same faces as the project's own pipeline, and its FPS."""
+    bundle = bundles("tflite", "int8")
+    frames = [f for f, _ in moving_faces(20, size=(360, 640))]
+    clip = tmp_path / "clip.avi"
+    assert write_video(clip, frames, 25.0) == 20
+    device_copy = tmp_path / "device"
+    shutil.copytree(ROOT / "targets", device_copy / "targets", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    out, summary = tmp_path / "faces.jsonl", tmp_path / "summary.json"
+    r = subprocess.run([str(rpi_python), "targets/rpi/stream.py", str(bundle), str(clip), "--jsonl", str(out), "--json",
+                        str(summary), "--threads", "2"], cwd=device_copy, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    s = json.loads(summary.read_text())
+    assert len(records) == 20 == s["frames"] and s["fps"] > 0 and s["runtime"].startswith("tflite-runtime")
+    assert "fps" in r.stdout
+    runner, spec, _ = load_bundle_runner(bundle)  # the same bundle on this host's runtime (ai-edge-litert)
+    pipe = Pipeline(runner, spec)
+    ious = []
+    for rec, frame in zip(records, frames):
+        ours = pipe(frame)
+        assert len(rec["faces"]) == len(ours)
+        if len(ours):
+            ious += box_iou(np.array([f["box"] for f in rec["faces"]]), ours.boxes).max(axis=1).tolist()
+    # two TFLite runtimes (tflite-runtime 2.14 there, ai-edge-litert here) round int8 kernels a little differently
+    assert len(ious) >= 60 and min(ious) > 0.8 and np.mean(ious) > 0.95

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from edge.api import Detector
 from edge.atomic import Terminated, atomic_file, write_json
-from edge.commands import bench, compress, evaluate, parity, soak, train
+from edge.commands import bench, compress, evaluate, parity, soak, stream, train
 from edge.commands.args import add_model_args, build_pipeline, input_size_arg, setup_process, unit_float
 from edge.draw import draw_detections
 from edge.errors import EdgeError, ImageError, ImageWarning, OutputError
@@ -53,6 +54,7 @@ def cmd_detect(args) -> int:
         check_output_file(args.json, "--json")
     post = PostConfig(score_threshold=args.score, nms_threshold=args.nms)
     pipe, desc = build_pipeline(args, args.input_size, post)
+    detector = Detector(pipe, desc)
     print(f"model: {desc}; input {'native (padded to 32)' if args.input_size is None else args.input_size}", file=sys.stderr)
     results, failures = [], []
     for i, image in enumerate(args.images):
@@ -64,8 +66,7 @@ def cmd_detect(args) -> int:
             notes = [str(w.message) for w in caught if issubclass(w.category, ImageWarning)]
             for n in notes:
                 print(f"warning: {n}", file=sys.stderr)
-            prep = pipe.preprocess(img)
-            det = pipe.postprocess(pipe.infer(prep), prep)
+            det = detector.detections(img)
         except ImageError as e:
             failures.append(shown)
             results.append({"image": shown, "error": str(e)})
@@ -125,7 +126,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _add_later_commands(sub) -> None:
     """The sub-commands written in their own modules."""
-    for command in (evaluate, parity, soak, bench, train, compress):
+    for command in (evaluate, parity, soak, bench, train, compress, stream):
         command.register(sub)
 
 

