@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +190,30 @@ def test_a_corrupt_frame_is_skipped_with_a_warning(tmp_path):
     assert r.returncode == 0, r.stderr[-800:]
     assert "warning:" in r.stderr and "could not be decoded" in r.stderr
     assert len(jsonl.read_text().splitlines()) == 11
+
+
+def test_ctrl_c_leaves_complete_outputs(tmp_path):
+    """SIGINT in the middle of a stream: exit 130, every JSON line whole, the video finalised with as many frames."""
+    clip = tmp_path / "long.avi"
+    write_video(clip, (f for f, _ in moving_faces(400, size=(180, 320))), 25.0)
+    jsonl, video = tmp_path / "out.jsonl", tmp_path / "out.mp4"
+    p = subprocess.Popen([sys.executable, "-m", "edge.cli", "stream", str(clip), "--jsonl", str(jsonl), "--draw", str(video),
+                          "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:  # until frames are being written
+        partial = list(tmp_path.glob(".out.jsonl.partial-*"))
+        if partial and partial[0].stat().st_size > 2000:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "the stream ended before it could be interrupted"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-800:]
+    lines = jsonl.read_text().splitlines()
+    assert 0 < len(lines) < 400 and all(json.loads(line)["frame"] == i for i, line in enumerate(lines))
+    cap = cv2.VideoCapture(str(video))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    assert n == len(lines)
+    assert not list(tmp_path.glob(".out*partial*"))

@@ -1,5 +1,5 @@
 """Jetson stream: an ONNX bundle through onnxruntime (TensorRT, CUDA or CPU) on a camera, a file, a URL or a
-GStreamer pipeline (the CSI camera: --gstreamer "nvarguscamerasrc ! video/x-raw(memory:NVMM),width=1280,height=720
+GStreamer pipeline (the CSI camera, with --gstreamer: "nvarguscamerasrc ! video/x-raw(memory:NVMM),width=1280,height=720
 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink").
 
     python targets/jetson/stream.py BUNDLE 0 --jsonl faces.jsonl
