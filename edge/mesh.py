@@ -20,6 +20,7 @@ import zipfile
 from functools import lru_cache
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from edge.weights.fetch import fetch_wheel
 
@@ -68,3 +69,37 @@ def mesh_edges() -> np.ndarray:
     raise ValueError("FACEMESH_TESSELATION not found in the mediapipe wheel")
 
 
+
+
+def mirror_vertices(reference: np.ndarray, edges: np.ndarray | None = None) -> np.ndarray:
+    """(V,) int64: the vertex each vertex becomes when the face is mirrored (an involution; midline vertices map to
+    themselves), derived from the mesh's own left/right symmetry: of the reference shape's three principal axes, the
+    one whose reflection best maps the vertex set onto itself (one-to-one, Hungarian) is the left/right axis, and the
+    mirror plane is refined from the pairs it gives. reference: (V, 3) a mean face in any similarity frame.
+    With `edges` (the tessellation), a mapping that keeps fewer than 99 % of the edges is refused."""
+    p = np.asarray(reference, np.float64)
+    p = p - p.mean(0)
+    best = None
+    for axis in np.linalg.svd(p, full_matrices=False)[2]:
+        normal, offset = axis, 0.0
+        for _ in range(10):
+            reflected = p - 2 * np.outer(p @ normal - offset, normal)
+            m = linear_sum_assignment(((p[:, None, :] - reflected[None, :, :]) ** 2).sum(-1))[1]
+            d = p - p[m]
+            moved = np.linalg.norm(d, axis=1) > 1e-9
+            if not moved.any():
+                break
+            normal = np.linalg.svd(d[moved], full_matrices=False)[2][0]
+            offset = float((((p + p[m]) / 2) @ normal).mean())
+        err = float(np.linalg.norm(p - (p - 2 * np.outer(p @ normal - offset, normal))[m], axis=1).mean())
+        if best is None or err < best[0]:
+            best = (err, m)
+    m = best[1].astype(np.int64)
+    if not np.array_equal(m[m], np.arange(len(m))):
+        raise ValueError("the mirror mapping is not an involution")
+    if edges is not None:
+        e = {tuple(sorted(x)) for x in np.asarray(edges).tolist()}
+        kept = np.mean([tuple(sorted((int(m[a]), int(m[b])))) in e for a, b in e])
+        if kept < 0.99:
+            raise ValueError(f"the mirror mapping keeps only {kept:.1%} of the tessellation's edges")
+    return m

@@ -14,19 +14,21 @@ from edge.bundle import load_bundle_runner, read_metadata
 from edge.commands.cli import main
 from edge.contract import ModelSpec
 from edge.draw import draw_detections
-from edge.errors import BundleError
+from edge.errors import BundleError, ConfigError
 from edge.evaluate.aflw import load_labels as load_aflw
 from edge.evaluate.aflw import nme_per_face
 from edge.evaluate.teacher import MeshTeacher, crop_transform, roi_for_face, warp_crop
 from edge.image_io import load_image
-from edge.mesh import MESH68, MESH_VERTICES, mesh_edges, mesh_to_68
+from edge.mesh import MESH68, MESH_VERTICES, mesh_edges, mesh_to_68, mirror_vertices
 from edge.model import RetinaFace
 from edge.pipeline import Pipeline
 from edge.postprocess import Detections, decode_detections
 from edge.runners import TorchRunner
+from edge.train.augment import FLIP_ORDER, flip
 from edge.train.labels import read_labels
-from edge.train.mesh_head import load_labels, mesh_loss
-from edge.weights.load import load_weights
+from edge.train.mesh_head import MeshSample, load_labels, mesh_loss, save_labels
+from edge.weights.load import load_weights, read_mesh_head
+from edge.weights.registry import REGISTRY
 
 
 def test_topology():
@@ -178,3 +180,48 @@ def test_json_and_drawing_carry_the_mesh():
     np.testing.assert_allclose(face["mesh68"], mesh[0, MESH68], atol=0.01)
     img = draw_detections(np.zeros((64, 64, 3), np.uint8), [(det, (0, 255, 0))], scores=False)
     assert np.asarray(img)[..., 1].astype(bool).sum() > 200  # mesh edges drawn, not just points
+
+
+def _shipped_mean_face() -> np.ndarray:
+    return read_mesh_head(REGISTRY["default"].mesh)["mesh_mean"].numpy().reshape(MESH_VERTICES, 3).astype(np.float64)
+
+
+def test_mirror_pairs_come_from_the_mesh_itself():
+    """The left/right vertex pairs derived from a mean face: an involution that keeps >= 99 % of the tessellation's
+    edges and gives MediaPipe's documented pairs (eye corners 33/263 and 133/362, mouth corners 61/291, face sides
+    234/454, brows 70/300 and 105/334, eyelids 159/386 and 145/374) with the midline (nose tip 1 and 4, forehead 10,
+    lips 13 and 14, chin 152) on itself; the mirrored mean face lies on the mean face."""
+    mean = _shipped_mean_face()
+    m = mirror_vertices(mean, mesh_edges())
+    assert np.array_equal(m[m], np.arange(MESH_VERTICES))
+    for a, b in ((33, 263), (133, 362), (61, 291), (234, 454), (70, 300), (105, 334), (159, 386), (145, 374)):
+        assert m[a] == b and m[b] == a
+    for v in (1, 4, 10, 13, 14, 152):
+        assert m[v] == v
+    # the face mirrored (x about the plane of the pairs' midpoints) and re-indexed is the face again
+    p = mean - mean.mean(0)
+    d = p - p[m]
+    normal = np.linalg.svd(d[np.linalg.norm(d, axis=1) > 1e-9], full_matrices=False)[2][0]
+    offset = (((p + p[m]) / 2) @ normal).mean()
+    mirrored = (p - 2 * np.outer(p @ normal - offset, normal))[m]
+    assert np.linalg.norm(mirrored - p, axis=1).mean() < 0.05 * np.ptp(p, axis=0).max()
+    with pytest.raises(ValueError, match="edges"):  # a wrong pairing is refused by the topology check
+        mirror_vertices(np.random.default_rng(0).normal(size=(MESH_VERTICES, 3)), mesh_edges())
+
+
+def test_flip_moves_each_point_to_its_mirror():
+    rng = np.random.default_rng(1)
+    pts = rng.uniform(0, 100, size=(2, 5 + MESH_VERTICES, 2)).astype(np.float32)
+    mirror = mirror_vertices(_shipped_mean_face())
+    order = np.concatenate([FLIP_ORDER, 5 + mirror])
+    img = np.zeros((100, 100, 3), np.uint8)
+    _, _, out = flip(img, np.array([[10.0, 10, 50, 50], [40, 40, 90, 90]]), pts, 100, order)
+    assert np.allclose(out[:, 5 + 33, 0], 100 - pts[:, 5 + 263, 0]) and np.allclose(out[:, 5 + 33, 1], pts[:, 5 + 263, 1])
+    assert np.allclose(out[:, 0], np.stack([100 - pts[:, 1, 0], pts[:, 1, 1]], -1))  # right eye <- left eye
+
+
+def test_mesh_labels_of_another_topology_are_refused(tmp_path):
+    s = MeshSample("a.jpg", np.zeros((1, 4), np.float32), np.zeros((1, 5, 2), np.float32), np.zeros((1, 68, 3), np.float32))
+    save_labels([s], tmp_path / "l.npz", {})
+    with pytest.raises(ConfigError, match=r"shape \(68, 3\).*\(468, 3\)"):
+        load_labels(tmp_path / "l.npz")

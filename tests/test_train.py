@@ -171,7 +171,7 @@ def test_crop_keeps_faces_and_resizes():
         crop, b, lm, h, _ = random_crop(img, boxes, lmk, has, 160, r, cfg)
         assert crop.shape[0] == crop.shape[1] and len(b) >= 1
         assert (b >= 0).all() and (b <= crop.shape[0]).all()
-        out, b2, lm2, _, _ = augment(img, boxes, lmk, has, 160, np.random.default_rng(seed), cfg, (104, 117, 123))
+        out, b2, lm2, _, _, _ = augment(img, boxes, lmk, has, 160, np.random.default_rng(seed), cfg, (104, 117, 123))
         assert out.shape == (160, 160, 3) and out.dtype == np.float32
         # a landmark at the face centre stays inside its box through crop, flip and resize
         assert ((lm2[:, 2] >= b2[:, :2] - 1e-3) & (lm2[:, 2] <= b2[:, 2:] + 1e-3)).all()

@@ -14,7 +14,7 @@ from edge.anchors import priors
 from edge.contract import ARCHS, PYTORCH_RETINAFACE, ModelSpec
 from edge.errors import ConfigError
 from edge.image_io import image_files
-from edge.mesh import MESH_VERTICES, mesh_edges
+from edge.mesh import MESH_VERTICES, mesh_edges, mirror_vertices
 from edge.model import RetinaFace
 from edge.train.augment import AugmentConfig
 from edge.train.data import DetectionDataset, collate
@@ -27,6 +27,7 @@ from edge.train.mesh_head import (
     build_pseudo_labels,
     load_labels,
     matched_targets,
+    mean_face,
     mesh_loss,
     mesh_nme_on,
     pca_init,
@@ -228,7 +229,13 @@ def cmd_train_mesh(args) -> int:
     var = model.spec.variances
     pri = torch.from_numpy(priors(args.size, args.size, model.spec.arch.min_sizes, model.spec.steps))
     match_cfg = LossConfig()
-    ds = MeshDataset(train_set, root, model.spec, args.size, seed=args.seed, augment=not args.no_augment)
+    mirror = None
+    if args.flip:
+        try:
+            mirror = mirror_vertices(mean_face(train_set), mesh_edges())
+        except ValueError as e:
+            raise ConfigError(f"--flip: no left/right vertex pairs from these labels' mean face ({e})") from None
+    ds = MeshDataset(train_set, root, model.spec, args.size, seed=args.seed, augment=not args.no_augment, mirror=mirror)
     pca = pca_init(model, MeshDataset(train_set, root, model.spec, args.size, augment=False), pri, var, match_cfg, args.rank)
     edges = torch.from_numpy(mesh_edges())
 
@@ -248,7 +255,7 @@ def cmd_train_mesh(args) -> int:
     cfg = TrainConfig(out=str(out), epochs=args.epochs, iters=args.iters, batch=args.batch, lr=args.lr or 1e-3,
                       optimizer="adamw", weight_decay=0.0, warmup=args.warmup, workers=args.workers, seed=args.seed,
                       save_every=args.save_every, bn="frozen", amp=args.amp, tf32=args.tf32, progress=not args.quiet,
-                      extra={"rank": args.rank, "edge_weight": args.edge_weight, "images": len(train_set)})
+                      extra={"rank": args.rank, "edge_weight": args.edge_weight, "images": len(train_set), "flip": bool(args.flip)})
     meta = {"format": 1, "kind": "mesh", "arch": info.arch.name, "detector": {"name": info.name, "sha256": info.sha256},
             "mesh": {"vertices": MESH_VERTICES, "rank": args.rank}, "pca": pca, "train": cfg.extra}
     resume = args.resume
@@ -280,6 +287,8 @@ def _register_mesh(sub) -> None:
     p.add_argument("--size", type=int, default=640)
     p.add_argument("--val", type=int, default=100, help="held-out images for the NME against the teacher")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--flip", action="store_true", help="mirror half the faces, vertices swapped by the mesh's own "
+                   "left/right pairs (derived from the labels' mean face and checked against the tessellation)")
     add_train_args(p)
     p.set_defaults(func=cmd_train_mesh)
 

@@ -89,24 +89,27 @@ def pad_to_square(img: np.ndarray, fill) -> np.ndarray:
     return out
 
 
-def flip(img, boxes, lmk, width: int):
+def flip(img, boxes, lmk, width: int, order=FLIP_ORDER):
+    """Mirror the image; the points of each face are reordered by `order` (the point each point becomes)."""
     img = img[:, ::-1]
     b = boxes.copy()
     b[:, 0], b[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
-    lm = lmk[:, FLIP_ORDER].copy()
+    lm = lmk[:, order].copy()
     lm[..., 0] = width - lm[..., 0]
     return img, b, lm
 
 
-def augment(img, boxes, lmk, has, size: int, rng: np.random.Generator, cfg: AugmentConfig, mean):
-    """-> (size x size BGR float32 image, boxes, landmarks, has, scale) with coordinates in pixels of the
-    output; `landmarks` may hold any number of points per face; scale: output pixels per input pixel."""
+def augment(img, boxes, lmk, has, size: int, rng: np.random.Generator, cfg: AugmentConfig, mean, flip_order=FLIP_ORDER):
+    """-> (size x size BGR float32 image, boxes, landmarks, has, scale, flipped) with coordinates in pixels of the
+    output; `landmarks` may hold any number of points per face, reordered on a flip by `flip_order` (default: the
+    five landmarks); scale: output pixels per input pixel."""
     img, boxes, lmk, has, _ = random_crop(img, boxes, lmk, has, size, rng, cfg)
     if cfg.photometric:
         img = photometric(img, rng)
     img = pad_to_square(img, mean)
-    if rng.random() < cfg.flip:
-        img, boxes, lmk = flip(img, boxes, lmk, img.shape[1])
+    flipped = rng.random() < cfg.flip
+    if flipped:
+        img, boxes, lmk = flip(img, boxes, lmk, img.shape[1], flip_order)
     scale = size / img.shape[0]
     out = resize_bilinear(img, size, size)
-    return out, boxes * scale, lmk * scale, has, scale
+    return out, boxes * scale, lmk * scale, has, scale, flipped

@@ -61,7 +61,7 @@ class DetectionDataset(EpochDataset):
         index = np.arange(len(s))
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, self.epoch, i))
-            x, boxes, pts, index, scale = augment(img, s.boxes, pts, index, self.size, rng, self.augment, mean)
+            x, boxes, pts, index, scale, _ = augment(img, s.boxes, pts, index, self.size, rng, self.augment, mean)
         else:
             x, scale = letterbox_float(img, self.size, mean)
             boxes, pts = s.boxes * scale, pts * scale

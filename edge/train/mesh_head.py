@@ -30,7 +30,7 @@ from edge.pipeline import Pipeline, PostConfig
 from edge.postprocess import box_iou
 from edge.preprocess import letterbox_float
 from edge.runners import TorchRunner
-from edge.train.augment import AugmentConfig, augment
+from edge.train.augment import FLIP_ORDER, AugmentConfig, augment
 from edge.train.data import EpochDataset
 from edge.train.multibox import match
 from edge.weights.fetch import sha256_file
@@ -80,25 +80,52 @@ def save_labels(samples: list[MeshSample], path: Path, meta: dict) -> None:
                             meshes=np.concatenate([s.meshes for s in samples]), meta=json.dumps(meta))
 
 
-def load_labels(path: Path) -> list[MeshSample]:
+def load_labels(path: Path, vertices: int = MESH_VERTICES) -> list[MeshSample]:
+    """The pseudo-labels of `save_labels`; a file of another topology (vertex count) is refused, naming both."""
     try:
         with np.load(path, allow_pickle=False) as z:  # each z[key] decompresses the array: read each once
             d = {k: z[k] for k in ("paths", "counts", "boxes", "landmarks", "meshes")}
-        ends = np.cumsum(d["counts"])
-        starts = ends - d["counts"]
-        return [MeshSample(str(p), d["boxes"][a:b], d["landmarks"][a:b], d["meshes"][a:b])
-                for p, a, b in zip(d["paths"], starts, ends)]
     except (OSError, KeyError, ValueError) as e:
         raise ConfigError(f"cannot read mesh labels {path}: {str(e).splitlines()[0][:120]}") from None
+    m = d["meshes"]
+    if m.ndim != 3 or m.shape[1:] != (vertices, 3):
+        raise ConfigError(f"mesh labels {path} hold meshes of shape {tuple(m.shape[1:])}; this head needs ({vertices}, 3) "
+                          f"({vertices} vertices, the MediaPipe topology)")
+    if int(d["counts"].sum()) != len(m) or len(d["boxes"]) != len(m) or len(d["landmarks"]) != len(m):
+        raise ConfigError(f"mesh labels {path}: {int(d['counts'].sum())} faces counted, {len(m)} meshes, "
+                          f"{len(d['boxes'])} boxes, {len(d['landmarks'])} landmark sets")
+    ends = np.cumsum(d["counts"])
+    starts = ends - d["counts"]
+    return [MeshSample(str(p), d["boxes"][a:b], d["landmarks"][a:b], d["meshes"][a:b])
+            for p, a, b in zip(d["paths"], starts, ends)]
+
+
+def mean_face(samples: list[MeshSample]) -> np.ndarray:
+    """(468, 3) the average of the labelled meshes, each centred on its box and divided by its width: the
+    reference shape from which the mirror pairs are derived (`edge.mesh.mirror_vertices`)."""
+    acc, n = np.zeros((MESH_VERTICES, 3)), 0
+    for s in samples:
+        for b, m in zip(s.boxes, s.meshes):
+            w = max(float(b[2] - b[0]), 1e-6)
+            c = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2, 0.0])
+            acc += (m - c) / w
+            n += 1
+    if not n:
+        raise ConfigError("no labelled faces to derive the mesh's mirror pairs from")
+    return acc / n
 
 
 class MeshDataset(EpochDataset):
     """(3, S, S) network input and targets: boxes (N, 4) and meshes (N, 468, 3) normalised by S."""
 
-    def __init__(self, samples: list[MeshSample], root: Path, spec, size: int, seed: int = 0, augment: bool = True):
+    def __init__(self, samples: list[MeshSample], root: Path, spec, size: int, seed: int = 0, augment: bool = True,
+                 mirror: np.ndarray | None = None):
+        """mirror: (468,) the vertex each vertex becomes in a mirrored face (`edge.mesh.mirror_vertices`); with it,
+        half the samples are flipped (landmarks and mesh vertices swapped left for right), without it none."""
         self.samples, self.root, self.spec, self.size, self.seed, self.epoch = samples, Path(root), spec, size, seed, 0
-        # no flips: mirroring the mesh would need the topology's left/right vertex pairs
-        self.cfg = AugmentConfig(flip=0.0) if augment else None
+        self.cfg = AugmentConfig(flip=0.5 if mirror is not None else 0.0) if augment else None
+        self.mirror = mirror
+        self.order = None if mirror is None else np.concatenate([FLIP_ORDER, 5 + np.asarray(mirror)])
 
     def __getitem__(self, i: int):
         s = self.samples[i]
@@ -109,8 +136,11 @@ class MeshDataset(EpochDataset):
         if self.cfg is not None:
             rng = np.random.default_rng((self.seed, self.epoch, i))
             # z rides along as a third "point" coordinate set: crops shift x, y only; scale applies to all
-            x, boxes, pts_out, keep_has, scale = augment(img, s.boxes, pts, np.arange(len(s)), self.size, rng, self.cfg, mean)
+            x, boxes, pts_out, keep_has, scale, flipped = augment(img, s.boxes, pts, np.arange(len(s)), self.size, rng, self.cfg,
+                                                                  mean, flip_order=self.order if self.order is not None else FLIP_ORDER)
             z = z[keep_has] * scale
+            if flipped:  # depth does not change sign in a horizontal mirror; it moves with its vertex
+                z = z[:, self.mirror]
         else:
             x, scale = letterbox_float(img, self.size, mean)
             boxes, pts_out, z = s.boxes * scale, pts * scale, z * scale
