@@ -202,3 +202,17 @@ def test_rpi_stream_script_runs_a_clip(rpi_python, bundles, tmp_path):
             ious += box_iou(np.array([f["box"] for f in rec["faces"]]), ours.boxes).max(axis=1).tolist()
     # two TFLite runtimes (tflite-runtime 2.14 there, ai-edge-litert here) round int8 kernels a little differently
     assert len(ious) >= 60 and min(ious) > 0.8 and np.mean(ious) > 0.95
+
+
+def test_device_letterbox_mirrors_the_project(group_image):
+    """targets/common/devstream.letterbox (OpenCV's resize, or its numpy fallback) gives the project's
+    letterbox_uint8 canvas bit for bit, and the same scale."""
+    import devstream  # targets/common, on sys.path above
+
+    cv2 = pytest.importorskip("cv2")
+    for size in (640, 320):
+        ours = letterbox_uint8(group_image, size, (104, 117, 123))
+        with_cv2, scale = devstream.letterbox(group_image, size, (104, 117, 123), cv2)
+        assert np.array_equal(with_cv2, ours) and scale == size / max(group_image.shape[:2])
+        numpy_only, _ = devstream.letterbox(group_image, size, (104, 117, 123), None)
+        assert np.abs(numpy_only.astype(int) - ours.astype(int)).max() <= 1  # float32 taps in another order: +-1 at .5
