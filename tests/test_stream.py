@@ -197,8 +197,11 @@ def test_ctrl_c_leaves_complete_outputs(tmp_path):
     clip = tmp_path / "long.avi"
     write_video(clip, (f for f, _ in moving_faces(400, size=(180, 320))), 25.0)
     jsonl, video = tmp_path / "out.jsonl", tmp_path / "out.mp4"
+    # SIGINT back to its default in the child: a test run started in the background by a non-interactive shell
+    # inherits it ignored, and Python then installs no KeyboardInterrupt for it
     p = subprocess.Popen([sys.executable, "-m", "edge.cli", "stream", str(clip), "--jsonl", str(jsonl), "--draw", str(video),
-                          "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:  # until frames are being written
         partial = list(tmp_path.glob(".out.jsonl.partial-*"))

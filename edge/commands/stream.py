@@ -120,14 +120,14 @@ def cmd_stream(args) -> int:
     jsonl, video = check_outputs(args)
     if args.bundle and args.input_size != 640:
         raise ConfigError("--input-size is fixed by the bundle")
-    detector = (Detector.from_bundle(args.bundle, threads=args.threads, score=args.score, nms=args.nms) if args.bundle else
-                Detector.from_weights(args.weights, arch=args.arch, input_size=args.input_size, score=args.score, nms=args.nms))
     cv2 = import_cv2()
     if args.show:
         _show_window(cv2)
     probe = VideoSource(args.source)  # opened once here for its rate and length (a clear error before any work)
     src_fps, total, live = probe.fps, probe.frames, probe.live
     probe.release()
+    detector = (Detector.from_bundle(args.bundle, threads=args.threads, score=args.score, nms=args.nms) if args.bundle else
+                Detector.from_weights(args.weights, arch=args.arch, input_size=args.input_size, score=args.score, nms=args.nms))
     length = "live" if live else f"{total or '?'} frames"
     rate = f", {src_fps:.1f} fps" if src_fps else ""
     print(f"model: {detector.description}; source {probe.name} ({length}{rate})", file=sys.stderr)
