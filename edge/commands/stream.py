@@ -2,6 +2,7 @@
 a live window. Decoding, inference and drawing/encoding run in three threads (`edge.stream`, and a writer here)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edge.api import Detector
+from edge.api import Detector, faces_of
 from edge.atomic import write_json
 from edge.commands.args import add_model_args, input_size_arg, unit_float
 from edge.draw import draw_stream_frame
@@ -145,16 +146,9 @@ def cmd_stream(args) -> int:
                                    track=not args.no_track, drop=None if not args.no_drop else False, threaded=not args.plain):
             times.append(time.perf_counter())
             fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
-            faces = []
-            for i in range(len(f.detections)):
-                face = {"box": [round(float(v), 2) for v in f.detections.boxes[i]], "score": round(float(f.detections.scores[i]), 5),
-                        "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in f.detections.landmarks[i]]}
-                if f.ids is not None and f.ids[i] >= 0:
-                    face["id"] = int(f.ids[i])
-                    ids_seen.add(int(f.ids[i]))
-                if args.mesh and f.detections.mesh is not None:
-                    face["mesh"] = [[round(float(v), 2) for v in p] for p in f.detections.mesh[i]]
-                faces.append(face)
+            written = f.detections if args.mesh else dataclasses.replace(f.detections, mesh=None)
+            faces = [face.to_dict() for face in faces_of(written, f.ids)]  # the API's JSON form
+            ids_seen.update(face["id"] for face in faces if "id" in face)
             record = {"frame": f.index, "time": round(f.timestamp, 4), "faces": faces}
             if writer is not None:
                 if writer.error is not None:
