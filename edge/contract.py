@@ -87,6 +87,7 @@ class ModelSpec:
     fpn_channels: int = 64
     mesh_vertices: int = 0  # 0: no mesh head
     mesh_rank: int = 0  # 0: 3 * mesh_vertices values per anchor; > 0: a code of this width per anchor
+    mesh_tower: int = 0  # depthwise-separable 3x3 blocks before the mesh head's 1x1 convolution, per level
     pad_multiple: int | None = None  # None: the largest stride
 
     def __post_init__(self):
@@ -151,7 +152,7 @@ class ModelSpec:
         arch = ArchConfig(a["name"], float(a["leaky_slope"]), min_sizes, steps, cascade)
         d["mean"], d["std"] = numbers(d["mean"], 3), numbers(d["std"], 3)
         d["steps"], d["variances"] = steps, numbers(d["variances"], 2)
-        for k in ("fpn_channels", "mesh_vertices", "mesh_rank", "pad_multiple"):
+        for k in ("fpn_channels", "mesh_vertices", "mesh_rank", "mesh_tower", "pad_multiple"):
             if k in d and (not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 0):
                 raise ValueError(f"{k} must be a non-negative integer")
         if d.get("input_size") is not None and (not isinstance(d["input_size"], int) or isinstance(d["input_size"], bool)):

@@ -1,6 +1,7 @@
 """`edge train detector|mesh`: the training commands (the training itself is in `edge.train`)."""
 from __future__ import annotations
 
+import csv
 import json
 import random
 import sys
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from edge.anchors import priors
+from edge.atomic import atomic_file
 from edge.contract import ARCHS, PYTORCH_RETINAFACE, ModelSpec
 from edge.errors import ConfigError
 from edge.image_io import image_files
@@ -36,6 +38,7 @@ from edge.train.mesh_head import (
     with_mesh_head,
 )
 from edge.train.mesh_head import load_labels as load_mesh_labels
+from edge.train.mesh_rows import build_rows, train_on_rows
 from edge.train.multibox import LossConfig
 from edge.weights.load import load_weights
 from edge.weights.registry import MESH_KEYS
@@ -222,7 +225,11 @@ def cmd_train_mesh(args) -> int:
     random.Random(0).shuffle(samples)
     n_val = max(1, min(args.val, len(samples) // 5))
     val, train_set = samples[:n_val], samples[n_val:]
-    model = with_mesh_head(detector, args.rank)
+    if args.tower < 0 or args.views < 0:
+        raise ConfigError("--tower and --views must be >= 0")
+    if args.every_anchor and not args.views:
+        raise ConfigError("--every-anchor trains on cached anchor rows: give --views too")
+    model = with_mesh_head(detector, args.rank, args.tower)
     model.spec = model.spec.with_input_size(args.size)
     for name, p in model.named_parameters():
         p.requires_grad = name.startswith(MESH_KEYS)
@@ -238,6 +245,31 @@ def cmd_train_mesh(args) -> int:
     ds = MeshDataset(train_set, root, model.spec, args.size, seed=args.seed, augment=not args.no_augment, mirror=mirror)
     pca = pca_init(model, MeshDataset(train_set, root, model.spec, args.size, augment=False), pri, var, match_cfg, args.rank)
     edges = torch.from_numpy(mesh_edges())
+
+    extra = {"rank": args.rank, "tower": args.tower, "edge_weight": args.edge_weight, "images": len(train_set),
+             "flip": bool(args.flip), "views": args.views, "every_anchor": bool(args.every_anchor)}
+    meta = {"format": 1, "kind": "mesh", "arch": info.arch.name, "detector": {"name": info.name, "sha256": info.sha256},
+            "mesh": {"vertices": MESH_VERTICES, "rank": args.rank, "tower": args.tower}, "pca": pca, "train": extra}
+    if args.views:
+        rows_info = _train_on_rows(model, ds, pri, match_cfg, edges, meta, out, args)
+        meta["rows"] = rows_info
+    else:
+        if not _train_whole_images(model, ds, pri, var, match_cfg, edges, meta, out, args):
+            return 0
+    val_nme = mesh_nme_on(model, val, root, args.size)
+    log = meta.pop("log")
+    summary = {"steps": log[-1]["step"] if log else None, "pca": pca, "val": val_nme, "rows": meta.get("rows"),
+               "first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None}
+    summary["mesh_head"] = {"file": "mesh_head.npz", "sha256": save_mesh_head(model.cpu(), out / "mesh_head.npz")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"mesh head rank {args.rank}: PCA of the targets leaves {100 * pca['residual_share']:.2f} % of their spread; "
+          f"held-out NME vs the teacher {100 * val_nme['nme']:.2f} % on {val_nme['faces']} faces")
+    return 0
+
+
+def _train_whole_images(model, ds, pri, var, match_cfg, edges, meta, out: Path, args) -> bool:
+    """The head trained on whole augmented pictures through the shared loop (checkpoints, resume, DDP);
+    -> whether this process is the main one."""
 
     def step(m, batch, device):
         x, targets = batch
@@ -255,24 +287,42 @@ def cmd_train_mesh(args) -> int:
     cfg = TrainConfig(out=str(out), epochs=args.epochs, iters=args.iters, batch=args.batch, lr=args.lr or 1e-3,
                       optimizer="adamw", weight_decay=0.0, warmup=args.warmup, workers=args.workers, seed=args.seed,
                       save_every=args.save_every, bn="frozen", amp=args.amp, tf32=args.tf32, progress=not args.quiet,
-                      extra={"rank": args.rank, "edge_weight": args.edge_weight, "images": len(train_set), "flip": bool(args.flip)})
-    meta = {"format": 1, "kind": "mesh", "arch": info.arch.name, "detector": {"name": info.name, "sha256": info.sha256},
-            "mesh": {"vertices": MESH_VERTICES, "rank": args.rank}, "pca": pca, "train": cfg.extra}
+                      extra=meta["train"])
     resume = args.resume
     if resume == "auto":
         resume = out / "last.pth" if (out / "last.pth").exists() else None
     env = dist_env()
-    rows = train(model, ds, _collate, step, cfg, meta=meta, params=groups, resume=resume, env=env)
-    if not env.main:
-        return 0
-    val_nme = mesh_nme_on(model, val, root, args.size)
-    summary = {"steps": rows[-1]["step"] if rows else None, "pca": pca, "val": val_nme,
-               "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None}
-    summary["mesh_head"] = {"file": "mesh_head.npz", "sha256": save_mesh_head(model.cpu(), out / "mesh_head.npz")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"mesh head rank {args.rank}: PCA of the targets leaves {100 * pca['residual_share']:.2f} % of their spread; "
-          f"held-out NME vs the teacher {100 * val_nme['nme']:.2f} % on {val_nme['faces']} faces")
-    return 0
+    meta["log"] = train(model, ds, _collate, step, cfg, meta=meta, params=groups, resume=resume, env=env)
+    return env.main
+
+
+def _train_on_rows(model, ds, pri, match_cfg, edges, meta, out: Path, args) -> dict:
+    """The head trained on cached anchor rows (`edge.train.mesh_rows`): `--views` augmented views of each
+    picture, then `--iters` steps of `--batch` rows; writes OUT/final.pth and OUT/log.csv. -> the rows' counts."""
+    if not args.iters:
+        raise ConfigError("--views needs --iters (steps over the cached rows)")
+    torch.manual_seed(args.seed)
+    rows, stats = build_rows(model, ds, args.views, pri, match_cfg, args.tower, every_anchor=args.every_anchor,
+                             progress=not args.quiet)
+    if not len(rows):
+        raise ConfigError("no anchor of any labelled face to train on (are the faces inside the pictures?)")
+    print(f"anchor rows: {stats['rows']:,} for {stats['faces']:,} faces in {stats['pictures']:,} views"
+          + (f" ({stats['extra_rows']:,} kept for the detector's own boxes)" if args.every_anchor else ""), file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    log = train_on_rows(model, rows, steps=args.iters, batch=args.batch, lr=args.lr or 1e-3,
+                        basis_lr_scale=args.basis_lr_scale, edge_weight=args.edge_weight, edges=edges, seed=args.seed,
+                        warmup=args.warmup, progress=not args.quiet)
+    model.eval()
+    meta["log"] = log
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_file(out / "final.pth") as tmp:
+        torch.save({"state_dict": state, "retinaface_edge": {**{k: v for k, v in meta.items() if k != "log"},
+                                                              "steps": args.iters}}, tmp)
+    with atomic_file(out / "log.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(log[0]))
+        w.writeheader()
+        w.writerows(log)
+    return stats
 
 
 def _register_mesh(sub) -> None:
@@ -289,6 +339,13 @@ def _register_mesh(sub) -> None:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--flip", action="store_true", help="mirror half the faces, vertices swapped by the mesh's own "
                    "left/right pairs (derived from the labels' mean face and checked against the tessellation)")
+    p.add_argument("--tower", type=int, default=0, help="depthwise-separable 3x3 blocks in the head before its 1x1 "
+                   "convolution (0: the 1x1 convolution alone)")
+    p.add_argument("--views", type=int, default=0, help="train on cached anchor rows: augment each picture this many "
+                   "times once, keep the features under each face's anchors, then train the head on those alone "
+                   "(the detector is frozen; 0: whole pictures every step)")
+    p.add_argument("--every-anchor", action="store_true", help="with --views: also train at every anchor whose own box "
+                   "overlaps the face (IoU >= 0.5, score >= 0.3), where NMS can keep the face")
     add_train_args(p)
     p.set_defaults(func=cmd_train_mesh)
 

@@ -223,10 +223,11 @@ def pca_init(model, dataset, pri, var, cfg, rank: int, max_rows: int = 8000) -> 
             "residual_share": float(resid.abs().mean() / xc.abs().mean())}
 
 
-def with_mesh_head(detector, rank: int):
-    """A copy of `detector` with a fresh low-rank mesh head (the detector's tensors copied)."""
+def with_mesh_head(detector, rank: int, tower: int = 0):
+    """A copy of `detector` with a fresh low-rank mesh head (the detector's tensors copied); tower: the head's
+    depthwise-separable blocks before its 1x1 convolution (`edge.model._TowerHead`)."""
 
-    spec = dataclasses.replace(detector.spec, mesh_vertices=MESH_VERTICES, mesh_rank=rank)
+    spec = dataclasses.replace(detector.spec, mesh_vertices=MESH_VERTICES, mesh_rank=rank, mesh_tower=tower)
     model = RetinaFace(spec)
     state = {k: v for k, v in detector.state_dict().items() if not k.startswith(MESH_KEYS)}  # a previous mesh head goes
     missing = model.load_state_dict(state, strict=False).missing_keys

@@ -307,6 +307,8 @@ def load_weights(
         state, path = _default_state(RetinaFace(ModelSpec(arch=entry.arch)))
         if head is not None:
             state = {**state, **read_mesh_head(head)}
+            model = RetinaFace(ModelSpec(arch=entry.arch, mesh_vertices=head.vertices, mesh_rank=head.rank,
+                                         mesh_tower=mesh_tower_of(state)))
         load_into(model, state, f"weights {name!r}")
         info = LoadedWeights(name, str(path), entry.sha256, entry.arch, True, count_params(model),
                              mesh_sha256=head.sha256 if head else None)
@@ -337,7 +339,8 @@ def load_weights(
     elif "mesh_basis" in state and state["mesh_basis"].ndim == 2 and state["mesh_basis"].shape[1] % 3 == 0:
         # a plain state_dict of a model with a low-rank mesh head (model.state_dict() saved as is)
         mesh_rank, mesh_vertices = int(state["mesh_basis"].shape[0]), int(state["mesh_basis"].shape[1]) // 3
-    model = RetinaFace(ModelSpec(arch=cfg, mesh_vertices=mesh_vertices, mesh_rank=mesh_rank))
+    tower = mesh_tower_of(state) if mesh_vertices else 0
+    model = RetinaFace(ModelSpec(arch=cfg, mesh_vertices=mesh_vertices, mesh_rank=mesh_rank, mesh_tower=tower))
     if meta.get("kind") in ("pruned", "qat"):
         shrink_to(model, state)
     load_into(model, state, f"checkpoint {path.name}")
@@ -345,6 +348,13 @@ def load_weights(
                          from_checkpoint=saved_arch is not None and entry is None,
                          kind=meta.get("kind") if isinstance(meta.get("kind"), str) else None)
     return model.eval(), info
+
+
+def mesh_tower_of(state: dict) -> int:
+    """The depth of a mesh head's tower (`edge.model._TowerHead`) from its tensors' names: each block holds two
+    convolutions (MeshHead.0.tower.{0,2}.weight for one block, ...)."""
+    convs = {k.split(".")[3] for k in state if k.startswith("MeshHead.0.tower.") and k.endswith(".weight")}
+    return len(convs) // 2
 
 
 def save_shipped(model: RetinaFace, path: str | Path) -> str:
@@ -367,7 +377,8 @@ def _load_shipped(entry: WeightsEntry, arch: str | None, mesh: bool) -> tuple[Re
         rank, vertices = int(state["mesh_basis"].shape[0]), int(state["mesh_basis"].shape[1]) // 3
     else:
         state = {k: v for k, v in state.items() if not k.startswith(MESH_KEYS)}
-    model = RetinaFace(ModelSpec(arch=entry.arch, mesh_vertices=vertices, mesh_rank=rank))
+    model = RetinaFace(ModelSpec(arch=entry.arch, mesh_vertices=vertices, mesh_rank=rank,
+                                 mesh_tower=mesh_tower_of(state) if vertices else 0))
     if entry.kind == "pruned":
         shrink_to(model, state)
     own = model.state_dict()  # integer counters are not shipped
