@@ -51,6 +51,7 @@ def cmd_aflw(args) -> int:
     res["seconds"] = round(time.perf_counter() - t, 1)
     print(f"AFLW2000-3D ({res['images']} images, {res['points']} points: {res['compared']}): NME mean {100 * res['nme_mean']:.2f} %  "
           f"[0-30] {100 * res['nme_0_30']:.2f}  [30-60] {100 * res['nme_30_60']:.2f}  [60-90] {100 * res['nme_60_90']:.2f}  "
+          f"worst faces: p99 {100 * res['nme_p99']:.2f} max {100 * res['nme_max']:.2f}  "
           f"miss rate {100 * res['miss_rate']:.2f} %   [{desc}]")
     if args.json:
         write_json(args.json, res)

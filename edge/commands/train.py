@@ -263,7 +263,8 @@ def cmd_train_mesh(args) -> int:
     summary["mesh_head"] = {"file": "mesh_head.npz", "sha256": save_mesh_head(model.cpu(), out / "mesh_head.npz")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"mesh head rank {args.rank}: PCA of the targets leaves {100 * pca['residual_share']:.2f} % of their spread; "
-          f"held-out NME vs the teacher {100 * val_nme['nme']:.2f} % on {val_nme['faces']} faces")
+          f"held-out NME vs the teacher {100 * val_nme['nme']:.2f} % on {val_nme['faces']} faces "
+          f"(worst: p99 {100 * val_nme['nme_p99']:.2f} %, max {100 * val_nme['nme_max']:.2f} %)")
     return 0
 
 

@@ -52,6 +52,9 @@ def summarise(nme: np.ndarray, yaw: np.ndarray, found: np.ndarray, points: int) 
         res[key] = float(nme[sel].mean()) if sel.any() else float("nan")
         res[key.replace("nme", "faces")] = int(sel.sum())
     res["nme_mean"] = float(np.mean([res["nme_0_30"], res["nme_30_60"], res["nme_60_90"]]))
+    # the worst faces, not only the means: the 99th percentile and the largest NME over every face found
+    res["nme_p99"] = float(np.percentile(nme[found], 99)) if found.any() else float("nan")
+    res["nme_max"] = float(nme[found].max()) if found.any() else float("nan")
     res["miss_rate"] = float(1.0 - found.mean())
     res["points"] = points
     res["images"] = int(len(found))

@@ -272,6 +272,7 @@ def mesh_nme_on(model, samples, root: Path, size: int) -> dict:
             lt = np.linalg.norm(m[e[:, 0], :2] - m[e[:, 1], :2], axis=1)
             edge_errs.append(float(np.abs(lp - lt).mean() / norm))
     return {"nme": float(np.mean(errs)) if errs else float("nan"), "edge": float(np.mean(edge_errs)) if edge_errs else float("nan"),
-            "faces": len(errs), "missed": missed}
+            "nme_p99": float(np.percentile(errs, 99)) if errs else float("nan"),
+            "nme_max": float(np.max(errs)) if errs else float("nan"), "faces": len(errs), "missed": missed}
 
 
