@@ -278,7 +278,7 @@ def test_training_on_rows_fits_a_known_head():
         codes = torch.stack([head_at(teacher.MeshHead[int(lv)], p[None], q[None], 8, s[None])[0]
                              for lv, p, q, s in zip(level, patches, inside, slot)])
         targets = teacher.mesh_mean + codes @ teacher.mesh_basis
-    rows = AnchorRows(patches.half(), level, slot, targets.half(), torch.arange(n), inside)
+    rows = AnchorRows(patches.half(), level, slot, targets.half(), inside)
 
     def error():
         with torch.no_grad():

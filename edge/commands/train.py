@@ -22,7 +22,7 @@ from edge.train.augment import AugmentConfig
 from edge.train.data import DetectionDataset, collate
 from edge.train.detector import detector_step, evaluate_on_samples, init_variant, reinit_heads
 from edge.train.labels import read_labels
-from edge.train.loop import TrainConfig, dist_env, train
+from edge.train.loop import TrainConfig, dist_env, save_final, train
 from edge.train.mesh_head import (
     MeshDataset,
     _collate,
@@ -203,6 +203,12 @@ def cmd_train_mesh(args) -> int:
         raise ConfigError(f"--images {root}: not a folder")
     if args.rank < 1 or args.rank > 3 * MESH_VERTICES:
         raise ConfigError(f"--rank must be in 1..{3 * MESH_VERTICES}")
+    if args.tower < 0 or args.views < 0:
+        raise ConfigError("--tower and --views must be >= 0")
+    if args.every_anchor and not args.views:
+        raise ConfigError("--every-anchor trains on cached anchor rows: give --views too")
+    if args.views and not args.iters:
+        raise ConfigError("--views needs --iters (steps over the cached rows)")
     if args.threads:
         torch.set_num_threads(args.threads)
     detector, info = load_weights(args.weights, mesh=False)
@@ -225,10 +231,6 @@ def cmd_train_mesh(args) -> int:
     random.Random(0).shuffle(samples)
     n_val = max(1, min(args.val, len(samples) // 5))
     val, train_set = samples[:n_val], samples[n_val:]
-    if args.tower < 0 or args.views < 0:
-        raise ConfigError("--tower and --views must be >= 0")
-    if args.every_anchor and not args.views:
-        raise ConfigError("--every-anchor trains on cached anchor rows: give --views too")
     model = with_mesh_head(detector, args.rank, args.tower)
     model.spec = model.spec.with_input_size(args.size)
     for name, p in model.named_parameters():
@@ -300,8 +302,6 @@ def _train_whole_images(model, ds, pri, var, match_cfg, edges, meta, out: Path, 
 def _train_on_rows(model, ds, pri, match_cfg, edges, meta, out: Path, args) -> dict:
     """The head trained on cached anchor rows (`edge.train.mesh_rows`): `--views` augmented views of each
     picture, then `--iters` steps of `--batch` rows; writes OUT/final.pth and OUT/log.csv. -> the rows' counts."""
-    if not args.iters:
-        raise ConfigError("--views needs --iters (steps over the cached rows)")
     torch.manual_seed(args.seed)
     rows, stats = build_rows(model, ds, args.views, pri, match_cfg, args.tower, every_anchor=args.every_anchor,
                              progress=not args.quiet)
@@ -315,10 +315,7 @@ def _train_on_rows(model, ds, pri, match_cfg, edges, meta, out: Path, args) -> d
                         warmup=args.warmup, progress=not args.quiet)
     model.eval()
     meta["log"] = log
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_file(out / "final.pth") as tmp:
-        torch.save({"state_dict": state, "retinaface_edge": {**{k: v for k, v in meta.items() if k != "log"},
-                                                              "steps": args.iters}}, tmp)
+    save_final(out / "final.pth", model, {k: v for k, v in meta.items() if k != "log"}, args.iters)
     with atomic_file(out / "log.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(log[0]))
         w.writeheader()

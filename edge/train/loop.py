@@ -189,9 +189,12 @@ def train(model: torch.nn.Module, dataset, collate, step_fn: StepFn, cfg: TrainC
         tb = SummaryWriter(str(out / "tensorboard"), purge_step=step if step else None)
 
     def save(name: str, full: bool) -> None:
+        if not full:
+            save_final(out / name, model, meta, step)
+            return
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         obj = {"model": state, "optimizer": opt.state_dict(), "step": step, "config": _plain(asdict(cfg)),
-               "retinaface_edge": meta} if full else {"state_dict": state, "retinaface_edge": {**meta, "steps": step}}
+               "retinaface_edge": meta}
         with atomic_file(out / name) as tmp:
             torch.save(obj, tmp)
 
@@ -255,6 +258,13 @@ def train(model: torch.nn.Module, dataset, collate, step_fn: StepFn, cfg: TrainC
             tb.close()
     model.eval()
     return log_rows
+
+
+def save_final(path: Path, model: torch.nn.Module, meta: dict, steps: int) -> None:
+    """final.pth: the model's tensors plus our metadata (what `--weights` reads), written atomically."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_file(path) as tmp:
+        torch.save({"state_dict": state, "retinaface_edge": {**meta, "steps": steps}}, tmp)
 
 
 def _plain(d):

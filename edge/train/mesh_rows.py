@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from edge.anchors import decode_boxes
 from edge.postprocess import box_iou
 from edge.train.mesh_head import encode_mesh, mesh_loss
 from edge.train.multibox import match
@@ -31,7 +32,6 @@ class AnchorRows:
     level: torch.Tensor  # (N,) long
     slot: torch.Tensor  # (N,) long: which of the cell's anchors
     targets: torch.Tensor  # (N, 3V) float16: the encoded target mesh
-    face: torch.Tensor  # (N,) long: one number per (picture, view, face)
     inside: torch.Tensor  # (N, 1, k, k) bool: which cells of the patch lie on the map
 
     def __len__(self) -> int:
@@ -53,21 +53,20 @@ def anchor_cells(spec, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
 
 def served_anchors(t: dict, pri: torch.Tensor, cfg, loc: torch.Tensor | None, score: torch.Tensor | None, var,
-                   min_score: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(anchor indices, face indices) the head is trained on for one picture's targets."""
+                   min_score: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(anchor indices, face indices, how many of them only the detector's own boxes add) for one picture."""
     lab, idx = match(t["boxes"], pri, cfg)
     pos = lab == 1
+    extra = torch.zeros_like(pos)
     if loc is not None:
-        centre = pri[:, :2] + loc[:, :2] * var[0] * pri[:, 2:]
-        wh = pri[:, 2:] * torch.exp(loc[:, 2:] * var[1])
-        boxes = torch.cat([centre - wh / 2, centre + wh / 2], dim=1)
-        iou = torch.from_numpy(box_iou(t["boxes"].double().numpy(), boxes.double().numpy()))  # (faces, A)
+        boxes = decode_boxes(loc.numpy(), pri.numpy(), var)
+        iou = torch.from_numpy(box_iou(t["boxes"].double().numpy(), boxes.astype(np.float64)))  # (faces, A)
         best, face = iou.max(dim=0)
         extra = (best >= 0.5) & (score >= min_score) & ~pos
         pos = pos | extra
         idx = torch.where(extra, face, idx)
     a = torch.nonzero(pos).squeeze(1)
-    return a, idx[a]
+    return a, idx[a], int(extra.sum())
 
 
 def build_rows(detector, dataset, views: int, pri: torch.Tensor, cfg, radius: int, *, every_anchor: bool = False,
@@ -77,9 +76,8 @@ def build_rows(detector, dataset, views: int, pri: torch.Tensor, cfg, radius: in
     var = spec.variances
     level, row, col, slot = (torch.from_numpy(v) for v in anchor_cells(spec, size))
     k = 2 * radius + 1
-    patches, levels, slots, targets, faces, inside = [], [], [], [], [], []
+    patches, levels, slots, targets, inside = [], [], [], [], []
     stats = {"pictures": 0, "faces": 0, "rows": 0, "extra_rows": 0}
-    face_id = 0
     detector.eval()
     bar = tqdm(total=views * len(dataset), desc="anchor rows", unit="view", disable=not progress, mininterval=2.0)
     with torch.no_grad():
@@ -95,10 +93,8 @@ def build_rows(detector, dataset, views: int, pri: torch.Tensor, cfg, radius: in
                 if every_anchor:
                     loc = torch.cat([h(f) for h, f in zip(detector.BboxHead, feats)], dim=1)[0]
                     score = F.softmax(torch.cat([h(f) for h, f in zip(detector.ClassHead, feats)], dim=1)[0], dim=-1)[:, 1]
-                a, fi = served_anchors(t, pri, cfg, loc, score, var, min_score)
-                if every_anchor:
-                    base, _ = served_anchors(t, pri, cfg, None, None, var, min_score)
-                    stats["extra_rows"] += len(a) - len(base)
+                a, fi, n_extra = served_anchors(t, pri, cfg, loc, score, var, min_score)
+                stats["extra_rows"] += n_extra
                 if not len(a):
                     continue
                 padded = [F.pad(f[0], (radius,) * 4) for f in feats]
@@ -112,16 +108,13 @@ def build_rows(detector, dataset, views: int, pri: torch.Tensor, cfg, radius: in
                     levels.append(level[sel])
                     slots.append(slot[sel])
                     targets.append(encode_mesh(t["meshes"][fi[level[a] == lv]], pri[sel], var).to(torch.float16))
-                    faces.append(fi[level[a] == lv] + face_id)
-                face_id += len(t["boxes"])
                 stats["pictures"] += 1
                 stats["faces"] += len(t["boxes"])
     bar.close()
     if not patches:
         none = torch.zeros(0, dtype=torch.long)
-        return AnchorRows(torch.zeros(0), none, none, torch.zeros(0), none, torch.zeros(0, dtype=torch.bool)), stats
-    rows = AnchorRows(torch.cat(patches), torch.cat(levels), torch.cat(slots), torch.cat(targets), torch.cat(faces),
-                      torch.cat(inside))
+        return AnchorRows(torch.zeros(0), none, none, torch.zeros(0), torch.zeros(0, dtype=torch.bool)), stats
+    rows = AnchorRows(torch.cat(patches), torch.cat(levels), torch.cat(slots), torch.cat(targets), torch.cat(inside))
     stats["rows"] = len(rows)
     return rows, stats
 

@@ -303,12 +303,11 @@ def load_weights(
         if arch is not None and arch != entry.arch.name:
             raise ConfigError(f"weights {name!r} use the {entry.arch.name} configuration, not {arch}")
         head = entry.mesh if mesh else None
-        model = RetinaFace(ModelSpec(arch=entry.arch, mesh_vertices=head.vertices if head else 0, mesh_rank=head.rank if head else 0))
         state, path = _default_state(RetinaFace(ModelSpec(arch=entry.arch)))
         if head is not None:
             state = {**state, **read_mesh_head(head)}
-            model = RetinaFace(ModelSpec(arch=entry.arch, mesh_vertices=head.vertices, mesh_rank=head.rank,
-                                         mesh_tower=mesh_tower_of(state)))
+        model = RetinaFace(ModelSpec(arch=entry.arch, mesh_vertices=head.vertices if head else 0,
+                                     mesh_rank=head.rank if head else 0, mesh_tower=mesh_tower_of(state) if head else 0))
         load_into(model, state, f"weights {name!r}")
         info = LoadedWeights(name, str(path), entry.sha256, entry.arch, True, count_params(model),
                              mesh_sha256=head.sha256 if head else None)
