@@ -38,11 +38,15 @@ def quantization_config(per_channel: bool = True, qat: bool = False):
 
 
 def module_path(node) -> list[str]:
-    """The model-relative names of the modules a node of an exported TupleOutputs(model) graph belongs to."""
+    """The model-relative names of the modules a node of an exported graph belongs to: of TupleOutputs(model)
+    (names under `model.`) or of the full-integer program CanvasInput(integer_graph_form(model)) (`model.model.`).
+    The model itself has no module named `model`."""
     names = []
     for n, _ in (node.meta.get("nn_module_stack") or {}).values():
-        n = n[len("L['self']."):] if n.startswith("L['self'].") else n
-        names.append(n[len("model."):] if n.startswith("model.") else n)
+        n = n.removeprefix("L['self'].")
+        while n.startswith("model."):
+            n = n[len("model."):]
+        names.append(n)
     return names
 
 
@@ -59,19 +63,21 @@ def pt2e_quantizer(float_modules=(), qat: bool = False, per_channel: bool = True
             model = super().annotate(model)
             if float_modules:
                 for node in model.graph.nodes:
-                    if any(p == f or p.startswith(f + ".") for p in module_path(node) for f in float_modules):
+                    if in_modules(node, float_modules):
                         node.meta.pop("quantization_annotation", None)
             return model
 
     return Quantizer().set_global(quantization_config(per_channel, qat=qat))
 
 
-def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=(), full_integer: bool = False):
+def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=(), full_integer: bool = False,
+                    int16_modules=()):
     """-> (prepared-and-observed GraphModule, quantizer). Finish with `quantized_program` (fold_quantize=False
     for litert-torch, True for coremltools). float_modules stay float (see pt2e_quantizer).
 
     full_integer: the graph of `CanvasInput(integer_graph_form(model))`, annotated by `full_integer_quantizer`:
-    its input is the (1, S, S, 3) BGR canvas (uint8 values as float32) and every op is int8 once converted."""
+    its input is the (1, S, S, 3) BGR canvas (uint8 values as float32) and every op is int8 once converted.
+    int16_modules (full_integer only): activations under these modules int16 instead (full_integer_quantizer)."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e  # optional: tflite/train extra
 
     size = spec.input_size
@@ -79,9 +85,11 @@ def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=(),
         if float_modules:
             raise ValueError("a full-integer graph has no float modules")
         net, x = CanvasInput(integer_graph_form(model), spec.mean, spec.std).eval(), torch.zeros(1, size, size, 3)
-        quantizer = full_integer_quantizer()
+        quantizer = full_integer_quantizer(int16_modules=int16_modules)
         batches = (torch.from_numpy(c[None].astype(np.float32)) for c in calib.images)
     else:
+        if int16_modules:
+            raise ValueError("int16 activations are annotated on the full-integer graph only")
         net, x = TupleOutputs(model).eval(), torch.zeros(1, 3, size, size)
         quantizer = pt2e_quantizer(float_modules)
         batches = (torch.from_numpy(t) for t in calib.tensors(spec))
@@ -125,7 +133,22 @@ _PASS_THROUGH = ("reshape.default", "view.default", "permute.default", "clone.de
                  "_unsafe_view.default")
 
 
-def full_integer_quantizer(qat: bool = False):
+def in_modules(node, modules) -> bool:
+    """Whether an exported graph's node belongs to one of `modules` (model-relative names) or a module under one."""
+    return any(p == f or p.startswith(f + ".") for p in module_path(node) for f in modules)
+
+
+def int16_activation_spec():
+    """int16 activations as TFLite's 16x8 kernels take them: symmetric per tensor (zero point 0), min/max range
+    (at 16 bits clipping gains nothing)."""
+    from torchao.quantization.pt2e.observer import MinMaxObserver  # optional: tflite/train extra
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec  # optional: tflite/train extra
+
+    return QuantizationSpec(dtype=torch.int16, quant_min=-32767, quant_max=32767, qscheme=torch.per_tensor_symmetric,
+                            is_dynamic=False, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2 ** -20))
+
+
+def full_integer_quantizer(qat: bool = False, int16_modules=()):
     """litert-torch's PT2E quantizer (per-channel int8 weights, int8 activations) extended so that litert-torch
     lowers every op of `CanvasInput(integer_graph_form(model))` to int8 (qat: fake-quantisers instead of
     observers, for quantisation-aware training of the same program):
@@ -136,7 +159,12 @@ def full_integer_quantizer(qat: bool = False):
       inputs and output share one scale (none for copies of one tensor, which the FPN's upsampling is);
     - the softmax output takes TFLite's fixed int8 quantisation (1/256, -128);
     - the input is fixed at scale 1, zero point -128 (`PIXEL_QPARAMS`), shared through the NHWC -> NCHW permute
-      into the normalising convolution, so pixels enter the graph exactly."""
+      into the normalising convolution, so pixels enter the graph exactly.
+
+    int16_modules (PTQ only): every int8 activation quantiser on a node under these modules (outputs and activation
+    inputs; weights stay int8 per channel) becomes int16 (`int16_activation_spec`). That simulates TFLite's 16x8
+    mixed precision; litert-torch 0.10 does not convert it (its explicit PAD before a strided convolution keeps the
+    int8 type), so it serves measurement (`quant.sensitivity`), not conversion."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer  # optional: tflite extra
     from litert_torch.quantize.pt2e_quantizer_utils import (  # optional: tflite extra
         get_input_act_qspec,
@@ -148,6 +176,9 @@ def full_integer_quantizer(qat: bool = False):
         SharedQuantizationSpec,
     )  # optional: tflite/train extra
 
+    if qat and int16_modules:
+        raise ValueError("int16 activations are simulated for post-training quantisation only")
+    int16_modules = tuple(int16_modules)
     cfg = quantization_config(True, qat=qat)
     act_in, act_out = get_input_act_qspec(cfg), get_output_act_qspec(cfg)
     aten = torch.ops.aten
@@ -198,6 +229,22 @@ def full_integer_quantizer(qat: bool = False):
                 elif n.target == aten.cat.default and all(has_out(a) for a in n.args[0]):
                     ins = list(n.args[0])
                     annotate(n, {a: SharedQuantizationSpec(a) for a in ins}, SharedQuantizationSpec((ins[0], n)))
+            if int16_modules:
+                wide = int16_activation_spec()
+
+                def is_act8(q):
+                    return getattr(q, "dtype", None) == torch.int8 and getattr(q, "qscheme", None) in (
+                        torch.per_tensor_affine, torch.per_tensor_symmetric) and not isinstance(q, FixedQParamsQuantizationSpec)
+
+                for n in g.nodes:
+                    a = ann(n)
+                    if a is None or not in_modules(n, int16_modules):
+                        continue
+                    if is_act8(a.output_qspec):
+                        a.output_qspec = wide
+                    for k, q in list(a.input_qspec_map.items()):
+                        if is_act8(q):
+                            a.input_qspec_map[k] = wide
             return model
 
     return FullInteger().set_global(cfg)

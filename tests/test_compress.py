@@ -476,6 +476,31 @@ def test_feature_taps_on_model_and_qat_program(default_model):
     assert all(torch.allclose(before[k], after[k], atol=1e-5) and torch.allclose(before[k], out[k], atol=1e-5) for k in before)
 
 
+def test_feature_taps_on_the_full_integer_program(default_model):
+    """The full-integer QAT program (canvas in, the model two levels down) is tapped by the same model-relative names:
+    the tapped stage output is the float stage's to within int8 noise, on the stage's int8 grid."""
+    import copy
+
+    model, _ = default_model
+    m = copy.deepcopy(model).eval()
+    m.spec = m.spec.with_input_size(160)
+    cs = load_calibration(None, 160, 2, m.spec.mean, progress=False)
+    x = torch.from_numpy(next(iter(cs.tensors(m.spec))))
+    with torch.no_grad():
+        ref = m.body.stage1(x)
+    q = QATQuantizer(copy.deepcopy(m), size=160, full_integer=True)
+    net = q.prepare()
+    q.calibrate(cs.tensors(m.spec))
+    taps = FeatureTaps(q.gm, ("body.stage1",))
+    with torch.no_grad():
+        net(x)
+    got = taps.pop()["body.stage1"]
+    taps.close()
+    assert got.shape == ref.shape
+    loss, _ = feature_loss({"s": got}, {"s": ref})
+    assert 0 < float(loss) < 0.2
+
+
 @pytest.mark.qat
 def test_compress_distill_features_run(shared, tmp_path, capsys):
     """--distill-features: the feature-map loss joins the pruning and the QAT losses (logged per map), the run records

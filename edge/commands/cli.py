@@ -11,7 +11,7 @@ from PIL import Image
 
 from edge.api import Detector
 from edge.atomic import Terminated, atomic_file, write_json
-from edge.commands import bench, compress, evaluate, parity, soak, stream, train
+from edge.commands import bench, compress, evaluate, parity, sensitivity, soak, stream, train
 from edge.commands.args import add_model_args, build_pipeline, input_size_arg, setup_process, unit_float
 from edge.draw import draw_detections
 from edge.errors import EdgeError, ImageError, ImageWarning, OutputError
@@ -126,7 +126,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _add_later_commands(sub) -> None:
     """The sub-commands written in their own modules."""
-    for command in (evaluate, parity, soak, bench, train, compress, stream):
+    for command in (evaluate, parity, soak, bench, train, compress, sensitivity, stream):
         command.register(sub)
 
 

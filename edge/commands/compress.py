@@ -139,8 +139,6 @@ def check_request(args) -> tuple[dict, tuple, tuple, bool]:
             raise ConfigError("--qat-graph full-integer shapes the pt2e QAT program: give --qat-steps or --qat-epochs with --qat-backend pt2e")
         if float_modules:
             raise ConfigError("--qat-graph full-integer has no float modules: drop --float-modules")
-        if args.distill_features:
-            raise ConfigError("--distill-features taps the float-input QAT program; it is not supported with --qat-graph full-integer")
     if args.qat_ranges == "learnt" and (args.qat_backend != "pt2e" or args.observe_steps):
         raise ConfigError("--qat-ranges learnt is for the pt2e backend, starting from calibrated ranges (--observe-steps 0); "
                           "NNCF's quantisers learn their ranges already")
