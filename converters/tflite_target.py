@@ -32,8 +32,9 @@ CAPABILITIES = Capabilities(
     routes={
         "fp32": "litert_torch.convert",
         "fp16": "fp32 flatbuffer, float16 weights (ai-edge-quantizer float_casting)",
-        "int8": "full-integer: PT2E PTQ (per-channel int8 weights, int8 activations, int8 softmax/upsample/add), "
-                "canvas input -> litert_torch.convert",
+        "int8": "full-integer, pure int8 (no int16 activations: runs whole on int8-only NPUs): PT2E PTQ (per-channel "
+                "int8 weights, int8 activations, int8 softmax/upsample/add), canvas input -> litert_torch.convert; "
+                "`edge sensitivity` measures what int16 activations per block would buy",
     },
     convert_requires=("litert_torch", "ai_edge_quantizer", "torchao"),
     run_requires=("ai_edge_litert", "tflite_runtime", "tensorflow"),
