@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from edge.errors import ConfigError
 from edge.model import TupleOutputs, integer_graph_form
 
 # litert-torch's configs floor every scale at 2**-12. The first convolution sees raw pixels (mean subtracted,
@@ -98,7 +99,34 @@ def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=(),
     with torch.no_grad():
         for t in tqdm(batches, total=len(calib), desc="calibrating", unit="img", disable=not progress):
             gm(t)
+    check_ranges(gm)
     return gm, quantizer
+
+
+def check_ranges(gm) -> int:
+    """After calibration: every activation observer of a prepared program must have seen a range (max > min, both
+    finite); a degenerate one would quantise its layer to a single value. ConfigError naming the layer (the model
+    module the observed tensor belongs to) otherwise. -> number of observers checked."""
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not str(node.target).startswith("activation_post_process"):
+            continue
+        obs = gm.get_submodule(node.target)
+        lo, hi = getattr(obs, "min_val", None), getattr(obs, "max_val", None)
+        if lo is None or hi is None or lo.numel() != 1 or getattr(obs, "qscheme", None) not in (
+                torch.per_tensor_affine, torch.per_tensor_symmetric):
+            continue  # weights (per channel) and fixed ranges (pixels, softmax) are not calibrated
+        n += 1
+        lo, hi = float(lo), float(hi)
+        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+            src = node.args[0]
+            while isinstance(src, torch.fx.Node) and src.op == "call_module":
+                src = src.args[0]
+            path = module_path(src) if isinstance(src, torch.fx.Node) else []
+            layer = (path[-1] if path else "") or (src.name if isinstance(src, torch.fx.Node) else str(node.target))
+            raise ConfigError(f"calibration left the activation range of {layer} degenerate ([{lo:g}, {hi:g}]): its int8 "
+                              "values would all be one; calibrate on real pictures (--calib) that exercise the whole model")
+    return n
 
 
 class CanvasInput(torch.nn.Module):

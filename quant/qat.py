@@ -22,16 +22,24 @@ from the converted model (see quant.ptq.WEIGHT_SCALE_EPS; weights now use the pl
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from edge.errors import WeightsError
+from edge.errors import ConfigError, WeightsError
 from edge.model import TupleOutputs, integer_graph_form
 from edge.weights.load import load_weights
 from quant.config import QuantConfig
-from quant.ptq import CanvasInput, full_integer_quantizer, pt2e_quantizer, quantization_config, quantized_program
+from quant.ptq import (
+    CanvasInput,
+    full_integer_quantizer,
+    module_path,
+    pt2e_quantizer,
+    quantization_config,
+    quantized_program,
+)
 
 
 @contextmanager
@@ -255,7 +263,15 @@ class QATQuantizer:
                 h.remove()
         if not n:
             raise ValueError("calibrate() needs at least one image")
+        names = {id(self.gm.get_submodule(n.target)): n for n in self.gm.graph.nodes if n.op == "call_module"}
         for fq, obs in zip(acts, observers):
+            lo, hi = float(obs.min_val), float(obs.max_val)
+            if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+                node = names.get(id(fq))
+                src = node.args[0] if node is not None and node.args else None
+                path = module_path(src) if isinstance(src, torch.fx.Node) else []
+                raise ConfigError(f"calibration left the activation range of {(path[-1] if path else '') or getattr(node, 'name', '?')} "
+                                  f"degenerate ([{lo:g}, {hi:g}]): calibrate on real pictures that exercise the whole model")
             _set_range(fq, *obs.calculate_qparams())
             fq.enable_fake_quant()  # observer stays off: the range is the calibrated one
         for fq in weights:

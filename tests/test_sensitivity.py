@@ -113,3 +113,25 @@ def test_sensitivity_command(shared, tmp_path, capsys):
                        (["--size", "100"], "multiple of 32"), (["--cumulative", "-1"], "--cumulative")):
         assert main([*args[:-1], *bad]) == 2, bad
         assert match in capsys.readouterr().err
+
+
+def test_a_degenerate_calibrated_range_is_refused_naming_the_layer(small):
+    """quant.ptq.check_ranges: an activation observer left with no range (max == min) stops the conversion with a
+    ConfigError naming the model layer, instead of a model whose layer has one int8 value."""
+    from edge.errors import ConfigError
+    from quant.ptq import check_ranges, module_path
+
+    m, cs = small
+    gm, _ = pt2e_calibrated(copy.deepcopy(m), m.spec, cs, progress=False, full_integer=True)
+    assert check_ranges(gm) > 100
+    for node in gm.graph.nodes:  # the first observer of a tensor inside body.stage1.1
+        if node.op == "call_module" and str(node.target).startswith("activation_post_process") \
+                and isinstance(node.args[0], torch.fx.Node) and in_modules(node.args[0], ("body.stage1.1",)):
+            obs = gm.get_submodule(node.target)
+            if obs.min_val.numel() == 1:
+                break
+    layer = module_path(node.args[0])[-1]
+    obs.min_val.fill_(0.5)
+    obs.max_val.fill_(0.5)
+    with pytest.raises(ConfigError, match=f"activation range of {layer} degenerate"):
+        check_ranges(gm)
