@@ -19,6 +19,7 @@ from edge.errors import ConfigError
 from edge.evaluate.parity import load_gates, run_parity
 from edge.pipeline import Pipeline
 from edge.preprocess import normalise, prepare
+from edge.quiet import native_output_quiet
 from edge.runners import TorchRunner
 from edge.samples import parity_images
 from edge.weights.load import load_weights
@@ -185,7 +186,8 @@ def qat_program(info, model, target: str, precision: str, calib, input_size: int
                           f"weights with PTQ (--weights the run's final.pth)")
     if calib is not None:
         raise ConfigError("--calib is not used with a QAT checkpoint (its ranges were learnt in training)")
-    qat, model = load_qat(info.path, input_size)
+    with native_output_quiet(litert=False):  # rebuilding the program imports the quantizer's TensorFlow: its notices
+        qat, model = load_qat(info.path, input_size)
     if getattr(qat, "full_integer", False) and target != "tflite":
         raise ConfigError(f"{info.path} was trained as the full-integer TFLite program (--qat-graph full-integer), which "
                           f"converts for tflite only; for {target} train with --qat-graph float-input")

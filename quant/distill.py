@@ -11,7 +11,30 @@ from edge.train.multibox import multibox_loss
 from quant.features import feature_loss
 
 
-def distill_loss(s: dict, t: dict, conf_thresh: float = 0.5) -> tuple[torch.Tensor, dict]:
+# Face probabilities inside this band, the teacher's or the student's, are the anchors a detection threshold
+# (0.5 by default, anything from ~0.3 to ~0.8 in use) can flip.
+SCORE_BAND = (0.1, 0.9)
+
+
+def face_logit(p: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of a face probability, finite at 0 and 1."""
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def band_loss(s_face: torch.Tensor, t_face: torch.Tensor, band=SCORE_BAND) -> tuple[torch.Tensor, int]:
+    """Mean squared face-logit difference over the anchors whose face probability, teacher's or student's, lies in
+    `band`: the ones a score threshold decides. The soft-score cross-entropy averages over every anchor, so these
+    few (tens among 16,800) weigh almost nothing in it. -> (loss, anchors in the band)."""
+    lo, hi = band
+    sel = ((t_face > lo) & (t_face < hi)) | ((s_face.detach() > lo) & (s_face.detach() < hi))
+    if not sel.any():
+        return s_face.sum() * 0, 0
+    return F.mse_loss(face_logit(s_face[sel]), face_logit(t_face[sel])), int(sel.sum())
+
+
+def distill_loss(s: dict, t: dict, conf_thresh: float = 0.5, band_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """band_weight: adds that times `band_loss` (the face logits of the anchors near the score threshold)."""
     s_face, t_face = s["conf"][..., 1].clamp(1e-6, 1 - 1e-6), t["conf"][..., 1]
     cls = F.binary_cross_entropy(s_face, t_face)
     pos = t_face > conf_thresh
@@ -26,14 +49,19 @@ def distill_loss(s: dict, t: dict, conf_thresh: float = 0.5) -> tuple[torch.Tens
         mesh = F.smooth_l1_loss(s["mesh"][pos], t["mesh"][pos]) if pos.any() else s["mesh"].sum() * 0
         loss = loss + mesh
         parts["mesh"] = mesh.item()
+    if band_weight:
+        band, n = band_loss(s_face, t_face)
+        loss = loss + band_weight * band
+        parts.update(band=band.item(), band_anchors=n)
     return loss, parts
 
 
-def student_step(teacher, pri, loss_cfg, distill_weight: float, use_gt: bool, features: dict | None = None):
+def student_step(teacher, pri, loss_cfg, distill_weight: float, use_gt: bool, features: dict | None = None,
+                 band_weight: float = 0.0):
     """Loss of one batch: distillation from the FP32 teacher (soft scores everywhere; boxes, landmarks and mesh
     codes where the teacher is confident) plus, with labels, the multi-task loss on ground truth (hard negatives).
     features: {"teacher": FeatureTaps, "student": FeatureTaps or None, "weight": w}: adds w x the feature-map
-    loss (quant.features) while a student's taps are set."""
+    loss (quant.features) while a student's taps are set. band_weight: see distill_loss."""
 
     def step(m, batch, device):
         x, targets = batch
@@ -41,7 +69,7 @@ def student_step(teacher, pri, loss_cfg, distill_weight: float, use_gt: bool, fe
         out = m(x)
         with torch.no_grad():
             t = teacher(x)
-        loss, parts = distill_loss(out, t)
+        loss, parts = distill_loss(out, t, band_weight=band_weight)
         loss = distill_weight * loss
         if features is not None:
             t_feats = features["teacher"].pop()

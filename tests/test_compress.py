@@ -25,6 +25,7 @@ from edge.runners.tflite import TFLiteRunner
 from edge.weights.load import load_weights, save_shipped
 from edge.weights.registry import REGISTRY, WeightsEntry
 from quant.config import PruneConfig, PruneOpConfig, check_module_names
+from quant.distill import band_loss, distill_loss, face_logit
 from quant.divergence import leaky_divergence
 from quant.divergence import main as divergence_main
 from quant.features import FeatureTaps, feature_loss, feature_widths
@@ -254,8 +255,16 @@ def test_qat_full_integer_program_converts_to_the_full_integer_graph(shared, tmp
     assert main([*base, "--out", str(tmp_path / "none")]) == 2 and "nothing to prune" in capsys.readouterr().err
     assert main([*base, "--qat-steps", "2", "--qat-graph", "full-integer", "--out", str(out)]) == 0
     assert (out / "qat.pth").is_file() and not (out / "final.pth").exists() and not list(out.glob("stage*"))
-    res = convert("tflite", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "tfl", progress=False)
-    q = read_metadata(res.bundle)[1]["quantization"]
+    # as a user runs it: a fresh process, whose only output is our steps (rebuilding the program imports
+    # TensorFlow, whose notices are held back as in every conversion)
+    r = subprocess.run([sys.executable, "-m", "converters.cli", "--target", "tflite", "--precision", "int8", "--weights",
+                        str(out / "qat.pth"), "--input-size", "160", "--out", str(tmp_path / "tfl"), "--no-parity-gate"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for noise in ("[START]", "[DONE]", "absl::InitializeLog", "oneDNN", "FutureWarning", "XNNPACK delegate"):
+        assert noise not in r.stdout + r.stderr, (noise, r.stderr[-3000:])
+    bundle = tmp_path / "tfl"
+    q = read_metadata(bundle)[1]["quantization"]
     assert q["full_integer"] is True and q["float_compute_ops"] == {} and q["qat"]["graph"] == "full-integer"
     assert q["ops"]["QUANTIZE:uint8->int8"] == 1 and q["ops"]["CONV_2D:int8->int8"] == 46 and q["qat"]["steps"] == 2
     with pytest.raises(ConfigError, match="full-integer"):
@@ -267,7 +276,7 @@ def test_qat_full_integer_program_converts_to_the_full_integer_graph(shared, tmp
     canvas = prepare(load_image(shared / "images" / "group.jpg"), model.spec).pixel_canvas[None]
     with torch.no_grad():
         sim = dict(zip(model.spec.output_names, (t.numpy() for t in qat.finalize()(torch.from_numpy(canvas.astype(np.float32))))))
-    got = TFLiteRunner(res.bundle / "model.tflite", model.spec.output_names).run_image(canvas)
+    got = TFLiteRunner(bundle / "model.tflite", model.spec.output_names).run_image(canvas)
     # the same int8 arithmetic: outputs agree up to a few rounding steps
     step = q["io"]["outputs"]["loc"]["scale"]
     assert np.median(np.abs(got["loc"] - sim["loc"])) <= 2.01 * step and np.abs(got["conf"] - sim["conf"]).max() < 0.1
@@ -570,9 +579,37 @@ def test_nncf_qat_run_converts_for_openvino_only(shared, tmp_path):
                                           (["--float-modules", "body.stage1"], "give --qat-steps"),
                                           (["--distill-features", "body.stage9"], "body.stage9"),
                                           (["--distill-features", "body.stage1", "--feature-weight", "0"], "positive"),
+                                          (["--band-weight", "-1"], "band-weight"),
                                           (["--qat-steps", "2", "--qat-backend", "nncf", "--distill-features", "body"], "nncf")])
 def test_compress_qat_options_are_checked_before_any_work(shared, tmp_path, capsys, extra, match):
     out = tmp_path / "run"
     assert main(["compress", "--images", str(shared / "images"), "--prune", "0.3", "--iters", "1", "--size", "160",
                  "--val", "1", "--out", str(out), "--quiet", *extra]) == 2
     assert match in capsys.readouterr().err and not out.exists()
+
+
+def test_band_loss_weighs_only_the_anchors_a_threshold_decides():
+    t = torch.tensor([[0.01, 0.05, 0.45, 0.55, 0.95, 0.99]])
+    s = t.clone()
+    s[0, 0] = 0.4  # the student puts a background anchor near the threshold: in the band through the student
+    s[0, 2] = 0.60  # a face near the threshold flipped
+    s[0, 5] = 0.70  # far from the band on the teacher's side, and in it on the student's
+    s[0, 1] = 0.02  # out of the band on both sides: not counted
+    s.requires_grad_(True)
+    loss, n = band_loss(s, t)
+    assert n == 4  # anchors 2, 3 (teacher's probability in the band), 0, 5 (the student's); 1 and 4 out on both sides
+    want = sum((face_logit(s[0, i]) - face_logit(t[0, i])) ** 2 for i in (0, 2, 3, 5)) / 4
+    assert torch.isclose(loss, want)
+    loss.backward()
+    assert s.grad[0, 1] == 0 and s.grad[0, 4] == 0 and s.grad[0, 2] > 0  # too high a face logit is pushed down
+    # added to the distillation loss only when weighted; none in the band costs nothing
+    conf = lambda p: torch.stack([1 - p, p], -1)  # noqa: E731
+    out = {"conf": conf(s.detach()), "loc": torch.zeros(1, 6, 4), "landmarks": torch.zeros(1, 6, 10)}
+    ref = {"conf": conf(t), "loc": torch.zeros(1, 6, 4), "landmarks": torch.zeros(1, 6, 10)}
+    plain, parts = distill_loss(out, ref)
+    banded, bparts = distill_loss(out, ref, band_weight=3.0)
+    assert "band" not in parts and bparts["band_anchors"] == 4
+    assert torch.isclose(banded - plain, 3.0 * want.detach())
+    far = torch.tensor([[0.01, 0.99]])
+    none, n = band_loss(far.clone(), far)
+    assert n == 0 and float(none) == 0.0

@@ -83,7 +83,8 @@ def cmd_compress(args) -> int:
     if feature_names:
         features = {"teacher": FeatureTaps(teacher, feature_names), "student": None, "weight": args.feature_weight,
                     "widths": feature_widths(teacher, feature_names), "names": feature_names}
-    step = student_step(teacher, pri, LossConfig(neg_pos=args.neg_pos), args.distill_weight, bool(args.labels), features)
+    step = student_step(teacher, pri, LossConfig(neg_pos=args.neg_pos), args.distill_weight, bool(args.labels), features,
+                        args.band_weight)
     t0 = time.perf_counter()
     # 3. pruning in stages, each recovered by distillation
     student, reports = prune_stages(args, teacher, info, spec, dataset, step, features, overrides, feature_names,
@@ -145,6 +146,8 @@ def check_request(args) -> tuple[dict, tuple, tuple, bool]:
     if args.size % 32:
         raise ConfigError(f"--size must be a multiple of 32, got {args.size}")
     feature_names = tuple(n for n in (args.distill_features or "").split(",") if n)
+    if args.band_weight < 0:
+        raise ConfigError(f"--band-weight must not be negative, got {args.band_weight}")
     if args.feature_weight <= 0:
         raise ConfigError(f"--feature-weight must be positive, got {args.feature_weight}")
     if feature_names and args.qat_backend == "nncf" and (args.qat_steps or args.qat_epochs):
@@ -212,6 +215,7 @@ def prune_stages(args, teacher, info, spec, dataset, step, features, overrides, 
                           extra={"stage": k, "stages": args.stages, "prune": args.prune, "prune_module": overrides,
                                  "freeze": list(args.freeze or []), "importance": args.importance,
                                  "labels": str(args.labels) if args.labels else None, "distill_weight": args.distill_weight,
+                                 "band_weight": args.band_weight,
                                  "distill_features": list(feature_names), "feature_weight": args.feature_weight if feature_names else None,
                                  "images": n_images})
         meta = {"format": 1, "kind": "pruned", "arch": info.arch.name, "teacher": {"name": info.name, "sha256": info.sha256},
@@ -263,7 +267,7 @@ def quantisation_aware_training(args, student, info, spec, dataset, step, featur
                              "float_modules": list(float_modules),
                              "equalize": bool(args.qat_equalize and args.qat_backend == "pt2e"),
                              "distill_features": list(feature_names), "feature_weight": args.feature_weight if feature_names else None,
-                             "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
+                             "band_weight": args.band_weight, "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
                              "observe_steps": args.observe_steps, "images": n_images,
                              "calib": None if cs is None else (args.calib or "built-in"), "calib_count": args.calib_count})
     last = qdir / "last.pth"
@@ -366,6 +370,9 @@ def register(sub) -> None:
     p.add_argument("--stages", type=int, default=1, help="iterative pruning: prune, fine-tune, prune again ...")
     p.add_argument("--importance", choices=("magnitude", "taylor"), default="magnitude")
     p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--band-weight", type=float, default=0.0,
+                   help="adds this times the squared face-logit difference on the anchors whose face probability (teacher's "
+                   "or student's) is in (0.1, 0.9): the faces a score threshold decides (0: off)")
     p.add_argument("--distill-features", default="", metavar="NAMES",
                    help="comma-separated modules whose output maps are also distilled from the teacher's (widths must "
                    "match: modules the pruning leaves whole), in pruning stages and pt2e QAT, e.g. body.stage1,body.stage2,body.stage3")
