@@ -13,7 +13,7 @@ from calib_data.build import load_calibration
 from converters.base import ConvertOptions, minimal_metadata, tool_version
 from converters.bundle import atomic_folder, check_destination, git_revision, write_metadata
 from converters.registry import target_module
-from edge.bundle import FORMAT_VERSION, MESH_DECODER_FILE, RUNNERS, attach_mesh_decoder, path_bytes
+from edge.bundle import CALIBRATED, FORMAT_VERSION, MESH_DECODER_FILE, RUNNERS, attach_mesh_decoder, path_bytes
 from edge.contract import MAX_INPUT_SIZE
 from edge.errors import ConfigError
 from edge.evaluate.parity import load_gates, run_parity
@@ -93,7 +93,7 @@ def check_float_modules(target: str, precision: str, float_modules) -> None:
     """--float-modules only where a PT2E int8 program can leave modules float; never for TFLite's full-integer graph."""
     if not float_modules:
         return
-    if target == "tflite" and precision == "int8":
+    if target == "tflite" and precision in CALIBRATED:
         raise ConfigError("--float-modules: TFLite int8 is a full-integer graph (NPU-ready), no module stays float; "
                           f"--float-modules applies to {', '.join(FLOAT_MODULE_TARGETS)} int8")
     if precision != "int8" or target not in FLOAT_MODULE_TARGETS:
@@ -124,13 +124,13 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     spec = model.spec
     qat, model = qat_program(info, model, target, precision, calib, input_size)
     # 3. calibration (PTQ int8) and cross-layer equalisation (int8, where the target measured it helps)
-    cs = load_calibration(calib, input_size, calib_count, spec.mean, progress) if precision == "int8" and qat is None else None
+    cs = load_calibration(calib, input_size, calib_count, spec.mean, progress) if precision in CALIBRATED and qat is None else None
     meta = base_metadata(target, precision, spec, info, cs)
     if progress:
         print(f"edge-convert: {target} {precision} {input_size}x{input_size} from {info.describe()}", file=sys.stderr)
     if equalize is None or qat is not None:  # a QAT program was trained on the model as it is
         equalize = mod.CAPABILITIES.int8_equalize and qat is None
-    qmodel, eq_report = equalized(model, spec) if precision == "int8" and equalize else (model, None)
+    qmodel, eq_report = equalized(model, spec) if precision in CALIBRATED and equalize else (model, None)
     with atomic_folder(out) as tmp:
         # 4. the target's conversion
         opts = ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules)
@@ -157,7 +157,7 @@ def check_request(caps, precision: str, input_size: int, calib, float_modules: t
         raise ConfigError(f"input size must be a positive multiple of 32, got {input_size}")
     if input_size > MAX_INPUT_SIZE:
         raise ConfigError(f"input size {input_size} is larger than the limit of {MAX_INPUT_SIZE}")
-    if calib is not None and precision != "int8":
+    if calib is not None and precision not in CALIBRATED:
         raise ConfigError(f"--calib is only used for int8, not {precision}")
     check_float_modules(caps.target, precision, float_modules)
     return check_destination(out)  # never a file or a folder that is not one of our bundles
@@ -179,6 +179,8 @@ def load_reference(weights: str, arch: str | None, input_size: int, float_module
 def qat_program(info, model, target: str, precision: str, calib, input_size: int):
     """-> (the trained fake-quantised program or None, the FP32 model). int8 from a QAT checkpoint takes its
     program (no calibration); each kind of program converts for the targets named in the messages."""
+    if info.kind == "qat" and precision == "int8-mixed":
+        raise ConfigError("a QAT checkpoint's program is int8 throughout: convert it with --precision int8")
     if info.kind != "qat" or precision != "int8":
         return None, model
     if target not in QAT_TARGETS:

@@ -16,6 +16,7 @@ PRECISION_DOC = {
     "fp32": "float32 weights and compute",
     "fp16": "float16 weights (compute as the runtime chooses)",
     "int8": "int8 weights per channel and int8 activations (calibrated)",
+    "int8-mixed": "int8 weights per channel, int16 activations where they pay and int8 elsewhere (calibrated; 16x8 NPUs)",
     "int8w": "int8 weights per channel, float compute (no calibration)",
 }
 

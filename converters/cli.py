@@ -22,10 +22,12 @@ def _size(n: int) -> str:
 
 
 def targets_table() -> str:
-    rows = ["target    precisions            converts with               runs with"]
-    for t in TARGET_MODULES:
-        c = capabilities(t)
-        rows.append(f"{t:<9} {', '.join(c.routes):<21} {', '.join(c.convert_requires):<26} {' | '.join(c.run_requires)}")
+    caps = [capabilities(t) for t in TARGET_MODULES]
+    w = max(len(", ".join(c.routes)) for c in caps)
+    w2 = max(len(", ".join(c.convert_requires)) for c in caps)
+    rows = [f"target    {'precisions':<{w}} {'converts with':<{w2}} runs with"]
+    for t, c in zip(TARGET_MODULES, caps):
+        rows.append(f"{t:<9} {', '.join(c.routes):<{w}} {', '.join(c.convert_requires):<{w2}} {' | '.join(c.run_requires)}")
         for p, route in c.routes.items():
             rows.append(f"{'':<9}   {p}: {route}")
     return "\n".join(rows)

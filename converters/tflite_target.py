@@ -32,9 +32,12 @@ CAPABILITIES = Capabilities(
     routes={
         "fp32": "litert_torch.convert",
         "fp16": "fp32 flatbuffer, float16 weights (ai-edge-quantizer float_casting)",
-        "int8": "full-integer, pure int8 (no int16 activations: runs whole on int8-only NPUs): PT2E PTQ (per-channel "
-                "int8 weights, int8 activations, int8 softmax/upsample/add), canvas input -> litert_torch.convert; "
-                "`edge sensitivity` measures what int16 activations per block would buy",
+        "int8": "full-integer, pure int8 (no int16 activations: runs whole on int8-only NPUs and in one XNNPACK "
+                "partition on CPUs): PT2E PTQ (per-channel int8 weights, int8 activations, int8 softmax/upsample/add), "
+                "canvas input -> litert_torch.convert",
+        "int8-mixed": "full-integer 16x8 where it pays: as int8, but int16 activations in backbone stage 1 after its "
+                      "first convolution (chosen by `edge sensitivity`), for NPUs with 16x8 kernels; a CPU runs those ops "
+                      "outside XNNPACK (about 13x slower than int8)",
     },
     convert_requires=("litert_torch", "ai_edge_quantizer", "torchao"),
     run_requires=("ai_edge_litert", "tflite_runtime", "tensorflow"),
@@ -50,19 +53,102 @@ def _convert_fp32(model, x: torch.Tensor, path: Path) -> None:
         litert_torch.convert(TupleOutputs(model).eval(), (x,)).export(str(path))
 
 
-def _convert_int8(model, calib, spec, path: Path, progress: bool) -> dict:
-    """The full-integer route: (1, S, S, 3) int8 canvas in, int8 outputs."""
+def mixed_int16_modules(model) -> tuple[str, ...]:
+    """The int8-mixed recipe: backbone stage 1 after its first convolution. `edge sensitivity` (80 held-out WIDER
+    pictures) put the int8 loss in stage 1's activations as a whole (all of stage 1 int16: recall 0.975 against
+    0.947); its first convolution stays int8 because its input is the normalised canvas (see quant.ptq)."""
+    return tuple(f"body.stage1.{i}" for i in range(1, len(model.body.stage1)))
+
+
+def _convert_int8(model, calib, spec, path: Path, progress: bool, int16_modules=()) -> dict:
+    """The full-integer route: (1, S, S, 3) int8 canvas in, int8 outputs; int16 activations under int16_modules."""
     import litert_torch  # optional: tflite extra
     from litert_torch.quantize.quant_config import QuantConfig  # optional: tflite extra
 
-    gm, quantizer = pt2e_calibrated(model, spec, calib, progress, full_integer=True)
+    gm, quantizer = pt2e_calibrated(model, spec, calib, progress, full_integer=True, int16_modules=int16_modules)
     gm = quantized_program(gm, fold_quantize=False)
     x = torch.zeros(1, spec.input_size, spec.input_size, 3)
     with native_output_quiet():
         litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+    res = {"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (histogram observer)",
+           "graph": "full-integer: BGR canvas in (NHWC, normalised inside the model), int8 out"}
+    if int16_modules:
+        res["requantized"] = requantize_boundaries(path, boundary_requantizations(gm))
+        res["activations"] = "int16 per-tensor symmetric (min/max) under int16_modules, int8 per-tensor (histogram) elsewhere"
+        res["int16_modules"] = list(int16_modules)
     uint8_input(path)
-    return {"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (histogram observer)",
-            "graph": "full-integer: BGR canvas in (NHWC, normalised inside the model), int8 out"}
+    return res
+
+
+def boundary_requantizations(gm) -> list[tuple[str, float, int]]:
+    """(dtype, scale, zero point) of each activation quantize in a converted PT2E program that follows a dequantize
+    of the other integer type: the int8 <-> int16 requantisations at the edges of the int16 modules."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target != torch.ops.quantized_decomposed.quantize_per_tensor.default:
+            continue
+        src = n.args[0]
+        if (isinstance(src, torch.fx.Node) and src.target == torch.ops.quantized_decomposed.dequantize_per_tensor.default
+                and src.args[5] != n.args[5]):
+            out.append((str(n.args[5]).removeprefix("torch."), float(n.args[1]), int(n.args[2])))
+    return out
+
+
+def requantize_boundaries(path: Path, requants: list[tuple[str, float, int]]) -> int:
+    """Mend, in place, what litert-torch 0.10 leaves at int8/int16 boundaries: it drops the requantisation, so a
+    convolution reads int8 and writes int16 (or the reverse), which TFLite refuses. A QUANTIZE to the convolution's
+    own type is put before it, at the input scale its bias was quantised with (bias scale / weight scale) and the
+    zero point of the program's requantisation at that scale; and 16x8 convolutions get their int32 biases as int64
+    (the same integers), as TFLite's 16x8 kernels take them. -> QUANTIZE ops inserted."""
+    from ai_edge_litert import schema_py_generated as schema  # optional: tflite extra
+
+    types = {"int8": schema.TensorType.INT8, "int16": schema.TensorType.INT16}
+    ops = schema.BuiltinOperator
+    inserted = []
+
+    def edit(m):
+        g = m.subgraphs[0]
+        codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in m.operatorCodes]
+        if ops.QUANTIZE not in codes:
+            c = schema.OperatorCodeT()
+            c.builtinCode = c.deprecatedBuiltinCode = ops.QUANTIZE
+            c.version = 2
+            m.operatorCodes.append(c)
+            codes.append(ops.QUANTIZE)
+        quantize = codes.index(ops.QUANTIZE)
+        new_ops = []
+        for op in g.operators:
+            if codes[op.opcodeIndex] in (ops.CONV_2D, ops.DEPTHWISE_CONV_2D):
+                x, w, b = (g.tensors[j] for j in op.inputs[:3])
+                y = g.tensors[op.outputs[0]]
+                if x.type != y.type:
+                    scale = float(b.quantization.scale[0] / w.quantization.scale[0])
+                    match = [r for r in requants if types[r[0]] == y.type and abs(r[1] - scale) <= 1e-4 * scale]
+                    if not match:
+                        raise ConversionError(f"int8/int16 boundary at {x.name.decode()}: no requantisation to scale {scale:g} "
+                                              "in the program")
+                    _, s, zp = match[0]
+                    t = schema.TensorT()
+                    t.name, t.shape, t.type, t.buffer = x.name + b"_requantized", np.array(x.shape, np.int32), y.type, 0
+                    t.quantization = schema.QuantizationParametersT()
+                    t.quantization.scale, t.quantization.zeroPoint = np.array([s], np.float32), np.array([zp], np.int64)
+                    g.tensors.append(t)
+                    q = schema.OperatorT()
+                    q.opcodeIndex, q.inputs, q.outputs = quantize, np.array([op.inputs[0]], np.int32), np.array([len(g.tensors) - 1], np.int32)
+                    q.builtinOptionsType, q.builtinOptions = schema.BuiltinOptions.QuantizeOptions, schema.QuantizeOptionsT()
+                    new_ops.append(q)
+                    op.inputs = np.array([len(g.tensors) - 1, *op.inputs[1:]], np.int32)
+                    inserted.append(x.name)
+                    x = t
+                if x.type == schema.TensorType.INT16 and b.type == schema.TensorType.INT32:
+                    buf = m.buffers[b.buffer]
+                    buf.data = np.frombuffer(np.asarray(buf.data, np.uint8).tobytes(), "<i4").astype("<i8").view(np.uint8)
+                    b.type = schema.TensorType.INT64
+            new_ops.append(op)
+        g.operators = new_ops
+
+    _edit_flatbuffer(path, edit)
+    return len(inserted)
 
 
 # Ops that only move, copy or requantise integers; every other op of an int8 graph must have integer inputs.
@@ -232,8 +318,10 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     out = workdir / "model.tflite"
     x = torch.zeros(1, 3, opts.input_size, opts.input_size)
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
-    if opts.precision == "int8" and opts.float_modules:
+    if opts.precision in ("int8", "int8-mixed") and opts.float_modules:
         raise ConfigError("--float-modules: TFLite int8 is a full-integer graph (NPU-ready); it has no float modules")
+    if opts.precision == "int8-mixed" and opts.qat is not None:
+        raise ConfigError("a QAT checkpoint's program is int8 throughout: convert it with --precision int8")
     if opts.precision == "int8" and opts.qat is not None:
         import litert_torch  # optional: tflite extra
         from litert_torch.quantize.quant_config import QuantConfig  # optional: tflite extra
@@ -249,9 +337,11 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
                       "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
         if full:
             quant["graph"] = "full-integer: BGR canvas in (NHWC, normalised inside the model), int8 out"
-    elif opts.precision == "int8":
-        announce(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert (full-integer)")
-        quant.update(_convert_int8(model, calib, spec, out, opts.progress))
+    elif opts.precision in ("int8", "int8-mixed"):
+        wide = mixed_int16_modules(model) if opts.precision == "int8-mixed" else ()
+        announce(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert (full-integer"
+                 + (", int16 activations in " + ", ".join(wide) + ")" if wide else ")"))
+        quant.update(_convert_int8(model, calib, spec, out, opts.progress, wide))
     else:
         announce(opts.progress, "litert_torch.convert")
         tmp = workdir / "fp32.tflite.tmp"
@@ -264,8 +354,8 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     quant.update(op_summary(out))
     quant["io"] = io_quantization(out, spec.output_names)
     quant["float_compute_ops"] = float_compute_ops(quant["ops"])
-    quant["full_integer"] = opts.precision == "int8" and not quant["float_compute_ops"]
-    if opts.precision == "int8" and (opts.qat is None or getattr(opts.qat, "full_integer", False)) and quant["float_compute_ops"]:
+    quant["full_integer"] = opts.precision in ("int8", "int8-mixed") and not quant["float_compute_ops"]
+    if opts.precision in ("int8", "int8-mixed") and (opts.qat is None or getattr(opts.qat, "full_integer", False)) and quant["float_compute_ops"]:
         raise ConversionError(f"the int8 graph kept float compute ops: {quant['float_compute_ops']}")
     return Converted("model.tflite", quant, "TFLite metadata buffer 'retinaface_edge'")
 

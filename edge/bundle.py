@@ -15,7 +15,8 @@ from edge.runners import coreml, onnx, openvino, tflite
 from edge.weights.fetch import sha256_file
 
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8", "int8w")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-mixed", "int8w")
+CALIBRATED = ("int8", "int8-mixed")  # the precisions with integer activations: calibrated, or from a QAT program
 # target -> the module whose load_runner(folder, meta, threads) runs its bundles (converters.registry: the converters)
 RUNNERS = {"onnx": onnx, "tflite": tflite, "openvino": openvino, "coreml": coreml}
 MESH_DECODER_FILE = "mesh_decoder.npz"  # low-rank mesh heads: mean (3V,) and basis (K, 3V), float32

@@ -268,10 +268,15 @@ class TupleOutputs(nn.Module):
         return tuple(out[n] for n in self.names)
 
 
-def integer_graph_form(model: RetinaFace) -> RetinaFace:
+def integer_graph_form(model: RetinaFace, explicit_padding: bool = False) -> RetinaFace:
     """A copy of `model` computing the same function, bit for bit, in the form whose int8 TFLite graph XNNPACK
     runs as one partition: the FPN upsamples by copies (`upsample2x_by_copies`) and each SSH applies its ReLU
-    per branch. Parameters are copied; the original is untouched."""
+    per branch. Parameters are copied; the original is untouched.
+
+    explicit_padding: every strided 3x3 convolution of the backbone pads in a module of its own (ZeroPad2d(1),
+    then the convolution without padding: the same values). The graph then holds the PAD op itself, annotated
+    like its input; with int16 activations litert-torch 0.10 gives the PAD it makes for a padded convolution the
+    wrong element type and fails."""
 
     m = copy.deepcopy(model)
     for mod in m.modules():
@@ -279,4 +284,10 @@ def integer_graph_form(model: RetinaFace) -> RetinaFace:
             mod.upsample = upsample2x_by_copies
         elif isinstance(mod, SSH):
             mod.relu_each_branch = True
+    if explicit_padding:
+        for seq in [s for s in m.body.modules() if isinstance(s, nn.Sequential)]:
+            for i, c in enumerate(list(seq)):
+                if isinstance(c, nn.Conv2d) and c.stride == (2, 2) and c.padding == (1, 1):
+                    c.padding = (0, 0)
+                    seq[i] = nn.Sequential(nn.ZeroPad2d(1), c)
     return m

@@ -78,14 +78,17 @@ def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=(),
 
     full_integer: the graph of `CanvasInput(integer_graph_form(model))`, annotated by `full_integer_quantizer`:
     its input is the (1, S, S, 3) BGR canvas (uint8 values as float32) and every op is int8 once converted.
-    int16_modules (full_integer only): activations under these modules int16 instead (full_integer_quantizer)."""
+    int16_modules (full_integer only): activations under these modules int16 instead (full_integer_quantizer); the
+    graph's strided convolutions then pad explicitly (`integer_graph_form(explicit_padding=True)`), which litert-torch
+    needs to convert it."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e  # optional: tflite/train extra
 
     size = spec.input_size
     if full_integer:
         if float_modules:
             raise ValueError("a full-integer graph has no float modules")
-        net, x = CanvasInput(integer_graph_form(model), spec.mean, spec.std).eval(), torch.zeros(1, size, size, 3)
+        form = integer_graph_form(model, explicit_padding=bool(int16_modules))
+        net, x = CanvasInput(form, spec.mean, spec.std).eval(), torch.zeros(1, size, size, 3)
         quantizer = full_integer_quantizer(int16_modules=int16_modules)
         batches = (torch.from_numpy(c[None].astype(np.float32)) for c in calib.images)
     else:
@@ -158,7 +161,7 @@ SOFTMAX_QPARAMS = {"scale": 1.0 / 256, "zero_point": -128}
 # no requantisation sits between them and each consumer of a quantised tensor gets its own dequantise (a shared
 # one made litert-torch 0.10's layout pass leave two SSH convolutions in float beside the FPN's upsampling).
 _PASS_THROUGH = ("reshape.default", "view.default", "permute.default", "clone.default", "unsqueeze.default",
-                 "_unsafe_view.default")
+                 "_unsafe_view.default", "pad.default")
 
 
 def in_modules(node, modules) -> bool:
@@ -190,9 +193,10 @@ def full_integer_quantizer(qat: bool = False, int16_modules=()):
       into the normalising convolution, so pixels enter the graph exactly.
 
     int16_modules (PTQ only): every int8 activation quantiser on a node under these modules (outputs and activation
-    inputs; weights stay int8 per channel) becomes int16 (`int16_activation_spec`). That simulates TFLite's 16x8
-    mixed precision; litert-torch 0.10 does not convert it (its explicit PAD before a strided convolution keeps the
-    int8 type), so it serves measurement (`quant.sensitivity`), not conversion."""
+    inputs; weights stay int8 per channel) becomes int16 (`int16_activation_spec`): TFLite's 16x8 mixed precision,
+    for `quant.sensitivity` and the int8-mixed conversion. A module's first convolution must not be int16 where its
+    input is the normalised canvas (litert-torch 0.10 fails on that boundary); litert-torch also drops the
+    requantisation at each int8/int16 boundary, which `converters.tflite_target.requantize_boundaries` puts back."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer  # optional: tflite extra
     from litert_torch.quantize.pt2e_quantizer_utils import (  # optional: tflite extra
         get_input_act_qspec,

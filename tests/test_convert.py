@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from converters import cli as convert_cli
 from converters.api import convert
+from calib_data.build import load_calibration
 from converters.tflite_target import embedded_metadata as tfl_meta
+from converters.tflite_target import mixed_int16_modules
 from edge.bundle import load_bundle_runner, read_metadata
 from edge.commands import cli
 from edge.contract import ModelSpec
@@ -24,6 +27,9 @@ from edge.preprocess import prepare
 from edge.runners import TorchRunner
 from edge.runners.tflite import TFLiteRunner
 from edge.samples import grace_hopper, grace_hopper_path
+from edge.weights.load import load_weights
+from quant.equalize import equalize
+from quant.ptq import pt2e_calibrated, quantized_program
 
 pytestmark = pytest.mark.convert
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,6 +305,53 @@ def test_tflite_int8_is_full_integer(bundles, tmp_path):
                            "format": "bgr_pixels_nhwc"}
     assert set(io["outputs"]) == {"loc", "conf", "landmarks", "mesh"} and all(o["dtype"] == "int8" for o in io["outputs"].values())
     assert io["outputs"]["conf"]["scale"] == 1 / 256 and io["outputs"]["conf"]["zero_point"] == -128
+
+
+def test_tflite_int8_mixed_runs_stage1_in_int16_and_computes_what_its_program_does(tmp_path, shared):
+    """int8-mixed: every op integer, int16 activations in backbone stage 1 after its first convolution (5 depthwise
+    and 5 pointwise 16x8 convolutions, 10 int16 LeakyReLUs), the requantisations litert-torch drops put back (one
+    QUANTIZE int8 -> int16 into stage 1, two int16 -> int8 out of it: stage 2 and the FPN), 16x8 biases int64; the
+    TFLite model computes what the PT2E program simulates. Other targets, QAT checkpoints' int8 and
+    --float-modules are refused before any work."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    res = convert("tflite", "int8-mixed", input_size=160, calib_count=4, out=tmp_path / "m", progress=False)
+    q = read_metadata(res.bundle)[1]["quantization"]
+    assert q["full_integer"] and q["float_compute_ops"] == {} and q["requantized"] == 3
+    assert q["int16_modules"] == [f"body.stage1.{i}" for i in range(1, 6)]
+    ops = q["ops"]
+    assert ops["QUANTIZE:int8->int16"] == 1 and ops["QUANTIZE:int16->int8"] == 2 and ops["LEAKY_RELU:int16->int16"] == 10
+    assert ops["CONV_2D:int16->int16"] == 5 and ops["DEPTHWISE_CONV_2D:int16->int16"] == 5
+    assert not any(k.split(":")[1] in ("int8->int16", "int16->int8") for k in ops if not k.startswith("QUANTIZE"))
+    found, _ = _flatbuffer_float_compute_ops(res.bundle / "model.tflite")
+    assert found == []
+    m = schema.ModelT.InitFromPackedBuf(bytearray((res.bundle / "model.tflite").read_bytes()), 0)
+    g = m.subgraphs[0]
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in m.operatorCodes]
+    for op in g.operators:
+        if codes[op.opcodeIndex] in (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D):
+            x, b = g.tensors[op.inputs[0]], g.tensors[op.inputs[2]]
+            assert b.type == (schema.TensorType.INT64 if x.type == schema.TensorType.INT16 else schema.TensorType.INT32)
+
+    # the program edge-convert builds (same weights, equalisation and calibration set), run in PyTorch
+    model, _ = load_weights("default")
+    model.spec = model.spec.with_input_size(160)
+    qm, _ = equalize(model)
+    qm.spec = model.spec
+    gm, _ = pt2e_calibrated(qm, qm.spec, load_calibration(None, 160, 4, qm.spec.mean, False), False, full_integer=True,
+                            int16_modules=mixed_int16_modules(qm))
+    canvas = prepare(load_image(shared / "images" / "group.jpg"), qm.spec).pixel_canvas[None]
+    with torch.no_grad():
+        sim = quantized_program(gm, fold_quantize=False)(torch.from_numpy(canvas.astype(np.float32)))
+    got = TFLiteRunner(res.bundle / "model.tflite", qm.spec.output_names).run_image(canvas)
+    step = q["io"]["outputs"]["loc"]["scale"]
+    assert np.median(np.abs(got["loc"] - sim[0].numpy())) <= 2.01 * step
+    assert np.abs(got["conf"] - sim[1].numpy()).max() < 0.1
+
+    for target, kw, says in (("onnx", {}, "does not offer"), ("tflite", {"float_modules": ["body.stage1"]}, "float")):
+        with pytest.raises(ConfigError, match=says):
+            convert(target, "int8-mixed", input_size=160, out=tmp_path / "bad", progress=False, **kw)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_tflite_int8_normalises_the_canvas_exactly(bundles, shared):

@@ -33,7 +33,7 @@ from onnx import TensorProto, helper
 from tqdm import tqdm
 
 from edge.atomic import write_json
-from edge.bundle import load_bundle_runner, path_bytes, read_metadata
+from edge.bundle import CALIBRATED, load_bundle_runner, path_bytes, read_metadata
 from edge.commands.args import peer_pipeline
 from edge.commands.soak import rss_bytes
 from edge.contract import MAX_INPUT_SIZE
@@ -206,7 +206,7 @@ def build_candidates(bundles, peers, torch_ref: bool, threads: int, input_size: 
         folder, meta = read_metadata(b)
         runner, spec, _ = load_bundle_runner(b, threads=threads)
         files = [meta["model_file"]] + (["model.bin"] if meta["target"] == "openvino" else [])
-        dtype = "int8" if meta["precision"] == "int8" else "fp32"
+        dtype = "int8" if meta["precision"] in CALIBRATED else "fp32"
         rt = {"onnx": "onnxruntime", "tflite": "tflite", "openvino": "openvino"}.get(meta["target"])
         name, source = f"{meta['target']} {meta['precision']}", model
         w = meta.get("weights", {})
