@@ -5,8 +5,9 @@ int8 per channel: TFLite's 16x8 kernels), measured against the FP32 model on rea
 harness's matching. The row of a block is what int16 there would buy; the all-int8 row is the baseline.
 
 The simulation tracks the converted TFLite model closely (recall 0.947 against 0.941 on the fidelity study's
-pictures, docs/full-integer.md); int16 rows are simulation only: litert-torch 0.10 does not convert int16
-activations (see quant.ptq.full_integer_quantizer).
+pictures, docs/full-integer.md). Of the int16 rows, what `edge-convert --precision int8-mixed` builds is
+converted (stage 1 after its first convolution: recall 0.970 measured on the TFLite bundle); litert-torch 0.10 does
+not convert an int16 block whose input is the normalised canvas (see quant.ptq.full_integer_quantizer).
 """
 from __future__ import annotations
 
