@@ -53,6 +53,12 @@ def _convert_fp32(model, x: torch.Tensor, path: Path) -> None:
         litert_torch.convert(TupleOutputs(model).eval(), (x,)).export(str(path))
 
 
+# Measured: ai-edge-litert 2.3 runs the int8-mixed graph; tflite-runtime 2.14 (the Raspberry Pi suite's) refuses
+# its QUANTIZE int8 -> int16 (quantize.cc: a requantisation from int8 must give int8 or uint8).
+MIXED_RUNTIME = ("LiteRT (ai-edge-litert 2.3 runs it): tflite-runtime 2.14 cannot requantise int8 -> int16 (QUANTIZE); "
+                 "on such a runtime convert with --precision int8")
+
+
 def mixed_int16_modules(model) -> tuple[str, ...]:
     """The int8-mixed recipe: backbone stage 1 after its first convolution. `edge sensitivity` (80 held-out WIDER
     pictures) put the int8 loss in stage 1's activations as a whole (all of stage 1 int16: recall 0.975 against
@@ -74,6 +80,7 @@ def _convert_int8(model, calib, spec, path: Path, progress: bool, int16_modules=
            "graph": "full-integer: BGR canvas in (NHWC, normalised inside the model), int8 out"}
     if int16_modules:
         res["requantized"] = requantize_boundaries(path, boundary_requantizations(gm))
+        res["runtime_needs"] = MIXED_RUNTIME
         res["activations"] = "int16 per-tensor symmetric (min/max) under int16_modules, int8 per-tensor (histogram) elsewhere"
         res["int16_modules"] = list(int16_modules)
     uint8_input(path)
@@ -146,6 +153,11 @@ def requantize_boundaries(path: Path, requants: list[tuple[str, float, int]]) ->
                     b.type = schema.TensorType.INT64
             new_ops.append(op)
         g.operators = new_ops
+        # litert-torch versions a 16x8 CONV_2D 8 (int32 bias); with int64 biases it is version 4, which runtimes
+        # from TF 2.3 resolve (tflite-runtime 2.14 refuses version 8)
+        for c in m.operatorCodes:
+            if max(c.builtinCode, c.deprecatedBuiltinCode) == ops.CONV_2D and c.version == 8:
+                c.version = 4
 
     _edit_flatbuffer(path, edit)
     return len(inserted)
@@ -341,6 +353,8 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         wide = mixed_int16_modules(model) if opts.precision == "int8-mixed" else ()
         announce(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert (full-integer"
                  + (", int16 activations in " + ", ".join(wide) + ")" if wide else ")"))
+        if wide:
+            announce(opts.progress, f"int8-mixed runs on {MIXED_RUNTIME}")
         quant.update(_convert_int8(model, calib, spec, out, opts.progress, wide))
     else:
         announce(opts.progress, "litert_torch.convert")

@@ -30,6 +30,7 @@ from edge.samples import grace_hopper, grace_hopper_path
 from edge.weights.load import load_weights
 from quant.equalize import equalize
 from quant.ptq import pt2e_calibrated, quantized_program
+from tests.test_device_suite import _run_suite, rpi_python  # noqa: F401 - the fixture, for the device suite on int8-mixed
 
 pytestmark = pytest.mark.convert
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,12 +308,14 @@ def test_tflite_int8_is_full_integer(bundles, tmp_path):
     assert io["outputs"]["conf"]["scale"] == 1 / 256 and io["outputs"]["conf"]["zero_point"] == -128
 
 
-def test_tflite_int8_mixed_runs_stage1_in_int16_and_computes_what_its_program_does(tmp_path, shared):
+def test_tflite_int8_mixed_runs_stage1_in_int16_and_computes_what_its_program_does(tmp_path, shared, rpi_python):
     """int8-mixed: every op integer, int16 activations in backbone stage 1 after its first convolution (5 depthwise
     and 5 pointwise 16x8 convolutions, 10 int16 LeakyReLUs), the requantisations litert-torch drops put back (one
     QUANTIZE int8 -> int16 into stage 1, two int16 -> int8 out of it: stage 2 and the FPN), 16x8 biases int64; the
-    TFLite model computes what the PT2E program simulates. Other targets, QAT checkpoints' int8 and
-    --float-modules are refused before any work."""
+    TFLite model computes what the PT2E program simulates. The Raspberry Pi suite's tflite-runtime 2.14 cannot run it
+    (no QUANTIZE int8 -> int16): the suite says what the bundle needs and the form to use instead, and the 16x8
+    convolutions carry the op version that runtime resolves. Other targets and --float-modules are refused before
+    any work."""
     from ai_edge_litert import schema_py_generated as schema
 
     res = convert("tflite", "int8-mixed", input_size=160, calib_count=4, out=tmp_path / "m", progress=False)
@@ -347,6 +350,11 @@ def test_tflite_int8_mixed_runs_stage1_in_int16_and_computes_what_its_program_do
     step = q["io"]["outputs"]["loc"]["scale"]
     assert np.median(np.abs(got["loc"] - sim[0].numpy())) <= 2.01 * step
     assert np.abs(got["conf"] - sim[1].numpy()).max() < 0.1
+
+    assert "tflite-runtime 2.14" in q["runtime_needs"]
+    r = _run_suite(rpi_python, tmp_path, res.bundle)
+    assert r.returncode != 0 and "QUANTIZE" in r.stdout and "convert with --precision int8" in r.stdout, r.stdout[-2000:]
+    assert "'CONV_2D' version" not in r.stdout
 
     for target, kw, says in (("onnx", {}, "does not offer"), ("tflite", {"float_modules": ["body.stage1"]}, "float")):
         with pytest.raises(ConfigError, match=says):

@@ -298,7 +298,9 @@ def check_on_device(bundle, target: str, make_runner) -> dict:
         raise
     except Exception as e:  # noqa: BLE001 - any runtime's own error on a model it cannot read, named with the file
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        _fail(folder, f"the runtime cannot load {meta['model_file']} ({type(e).__name__}: {msg[:160]})")
+        needs = (meta.get("quantization") or {}).get("runtime_needs")  # what the converter knows this form needs
+        _fail(folder, f"the runtime cannot load {meta['model_file']} ({type(e).__name__}: {msg[:160]})"
+              + (f"; this bundle needs {needs}" if needs else ""))
     s = run_check(folder, run)
     print(f"\nruntime: {runtime}\n" + json.dumps(s, indent=1))
     return s
