@@ -194,9 +194,9 @@ def full_integer_quantizer(qat: bool = False, int16_modules=()):
 
     int16_modules (PTQ only): every int8 activation quantiser on a node under these modules (outputs and activation
     inputs; weights stay int8 per channel) becomes int16 (`int16_activation_spec`): TFLite's 16x8 mixed precision,
-    for `quant.sensitivity` and the int8-mixed conversion. A module's first convolution must not be int16 where its
-    input is the normalised canvas (litert-torch 0.10 fails on that boundary); litert-torch also drops the
-    requantisation at each int8/int16 boundary, which `converters.tflite_target.requantize_boundaries` puts back."""
+    for `quant.sensitivity` and the int8-mixed conversion. Where the module fed by the normalised canvas is int16,
+    the normalising convolution is too (its pixels requantised to int16). litert-torch drops the requantisation at
+    each int8/int16 boundary, which `converters.tflite_target.requantize_boundaries` puts back."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer  # optional: tflite extra
     from litert_torch.quantize.pt2e_quantizer_utils import (  # optional: tflite extra
         get_input_act_qspec,
@@ -277,6 +277,14 @@ def full_integer_quantizer(qat: bool = False, int16_modules=()):
                     for k, q in list(a.input_qspec_map.items()):
                         if is_act8(q):
                             a.input_qspec_map[k] = wide
+                if any(in_modules(u, int16_modules) for u in norm.users):
+                    # the first block is int16: so is the normalising convolution, from the pixels requantised to
+                    # int16 (scale 1, zero point 0: exact), or the block's input would cross int8 -> int16 at a PAD,
+                    # which litert-torch 0.10 cannot type
+                    ann(norm).input_qspec_map[permute] = FixedQParamsQuantizationSpec(
+                        dtype=torch.int16, scale=1.0, zero_point=0, quant_min=-32767, quant_max=32767,
+                        qscheme=torch.per_tensor_symmetric)
+                    ann(norm).output_qspec = wide
             return model
 
     return FullInteger().set_global(cfg)
