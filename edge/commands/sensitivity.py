@@ -73,7 +73,7 @@ def cmd_sensitivity(args) -> int:
                   f"landmark NME {_fmt(figs['landmark_nme'])}")
     res.update({"weights": info.describe(), "size": args.size, "calibration": calib.summary(), "level": args.level,
                 "simulation": "PT2E quantise/dequantise pairs of the full-integer graph; edge-convert --target tflite "
-                              "--precision int8-mixed converts stage 1 after its first convolution in int16"})
+                              "--precision int8-mixed converts the normalisation and stage 1 in int16"})
     if args.json:
         write_json(args.json, res)
     return 0
