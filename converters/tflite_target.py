@@ -37,7 +37,7 @@ CAPABILITIES = Capabilities(
                 "canvas input -> litert_torch.convert",
         "int8-mixed": "full-integer 16x8 where it pays: as int8, but int16 activations in the normalisation, backbone "
                       "stage 1, stage2.5 and stage 3 (chosen by `edge sensitivity`), for NPUs with 16x8 kernels and LiteRT; "
-                      "a CPU runs those ops outside XNNPACK (about 13x slower than int8)",
+                      "a CPU runs those ops outside XNNPACK (about 20x slower than int8)",
     },
     convert_requires=("litert_torch", "ai_edge_quantizer", "torchao"),
     run_requires=("ai_edge_litert", "tflite_runtime", "tensorflow"),
