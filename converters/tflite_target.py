@@ -112,7 +112,7 @@ def requantize_boundaries(path: Path, requants: list[tuple[str, float, int]]) ->
 
     types = {"int8": schema.TensorType.INT8, "int16": schema.TensorType.INT16}
     ops = schema.BuiltinOperator
-    inserted = []
+    inserted, widened = [], set()
 
     def edit(m):
         g = m.subgraphs[0]
@@ -132,9 +132,9 @@ def requantize_boundaries(path: Path, requants: list[tuple[str, float, int]]) ->
                 if x.type != y.type:
                     scale = float(b.quantization.scale[0] / w.quantization.scale[0])
                     match = [r for r in requants if types[r[0]] == y.type and abs(r[1] - scale) <= 1e-4 * scale]
-                    if not match:
-                        raise ConversionError(f"int8/int16 boundary at {x.name.decode()}: no requantisation to scale {scale:g} "
-                                              "in the program")
+                    if len({r[2] for r in match}) != 1:
+                        raise ConversionError(f"int8/int16 boundary at {x.name.decode()}: {len(match)} requantisations to "
+                                              f"scale {scale:g} in the program, not one")
                     _, s, zp = match[0]
                     t = schema.TensorT()
                     t.name, t.shape, t.type, t.buffer = x.name + b"_requantized", np.array(x.shape, np.int32), y.type, 0
@@ -149,8 +149,10 @@ def requantize_boundaries(path: Path, requants: list[tuple[str, float, int]]) ->
                     inserted.append(x.name)
                     x = t
                 if x.type == schema.TensorType.INT16 and b.type == schema.TensorType.INT32:
-                    buf = m.buffers[b.buffer]
-                    buf.data = np.frombuffer(np.asarray(buf.data, np.uint8).tobytes(), "<i4").astype("<i8").view(np.uint8)
+                    if b.buffer not in widened:  # a buffer two bias tensors share is widened once
+                        buf = m.buffers[b.buffer]
+                        buf.data = np.frombuffer(np.asarray(buf.data, np.uint8).tobytes(), "<i4").astype("<i8").view(np.uint8)
+                        widened.add(b.buffer)
                     b.type = schema.TensorType.INT64
             new_ops.append(op)
         g.operators = new_ops

@@ -6,7 +6,7 @@ import torch
 
 from edge.anchors import priors
 from edge.contract import FACE_DETECTOR_1MB, PYTORCH_RETINAFACE, ModelSpec
-from edge.model import RetinaFace, TupleOutputs
+from edge.model import RetinaFace, TupleOutputs, integer_graph_form
 
 
 @pytest.mark.parametrize("hw", [(640, 640), (96, 160), (928, 1600)])
@@ -62,3 +62,23 @@ def test_tuple_wrapper_keeps_contract_order():
         t = TupleOutputs(model)(x)
     for a, name in zip(t, ModelSpec().output_names):
         assert torch.equal(a, d[name])
+
+
+def test_integer_graph_form_computes_the_same_function():
+    """The form converted to full-integer TFLite: the same outputs bit for bit (upsampling by copies, ReLU per SSH
+    branch); with explicit padding (int16 graphs) each strided 3x3 convolution of the backbone pads in a module of
+    its own (5 of them) and the outputs agree to float rounding. The model itself is left as it was."""
+    torch.manual_seed(0)
+    model = RetinaFace(ModelSpec(mesh_vertices=68)).eval()
+    x = torch.randn(1, 3, 160, 160) * 50
+    with torch.no_grad():
+        ref = model(x)
+        same = integer_graph_form(model)(x)
+        padded_model = integer_graph_form(model, explicit_padding=True)
+        padded = padded_model(x)
+    for k in ref:
+        assert torch.equal(ref[k], same[k])
+        torch.testing.assert_close(padded[k], ref[k], rtol=1e-4, atol=1e-4)
+    pads = [m for m in padded_model.body.modules() if isinstance(m, torch.nn.ZeroPad2d)]
+    assert len(pads) == 5 and not any(isinstance(m, torch.nn.ZeroPad2d) for m in model.modules())
+    assert all(c.padding == (1, 1) for c in model.body.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size == (3, 3))
