@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from converters.base import Capabilities, Converted, ConvertOptions, announce
+from edge.bundle import CALIBRATED
 from edge.errors import ConfigError, ConversionError
 from edge.model import TupleOutputs
 from edge.quiet import native_output_quiet
@@ -333,10 +334,8 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     out = workdir / "model.tflite"
     x = torch.zeros(1, 3, opts.input_size, opts.input_size)
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
-    if opts.precision in ("int8", "int8-mixed") and opts.float_modules:
+    if opts.precision in CALIBRATED and opts.float_modules:
         raise ConfigError("--float-modules: TFLite int8 is a full-integer graph (NPU-ready); it has no float modules")
-    if opts.precision == "int8-mixed" and opts.qat is not None:
-        raise ConfigError("a QAT checkpoint's program is int8 throughout: convert it with --precision int8")
     if opts.precision == "int8" and opts.qat is not None:
         import litert_torch  # optional: tflite extra
         from litert_torch.quantize.quant_config import QuantConfig  # optional: tflite extra
@@ -352,7 +351,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
                       "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
         if full:
             quant["graph"] = "full-integer: BGR canvas in (NHWC, normalised inside the model), int8 out"
-    elif opts.precision in ("int8", "int8-mixed"):
+    elif opts.precision in CALIBRATED:
         wide = mixed_int16_modules(model) if opts.precision == "int8-mixed" else ()
         announce(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert (full-integer"
                  + (", int16 activations in " + ", ".join(wide) + ")" if wide else ")"))
@@ -371,8 +370,8 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     quant.update(op_summary(out))
     quant["io"] = io_quantization(out, spec.output_names)
     quant["float_compute_ops"] = float_compute_ops(quant["ops"])
-    quant["full_integer"] = opts.precision in ("int8", "int8-mixed") and not quant["float_compute_ops"]
-    if opts.precision in ("int8", "int8-mixed") and (opts.qat is None or getattr(opts.qat, "full_integer", False)) and quant["float_compute_ops"]:
+    quant["full_integer"] = opts.precision in CALIBRATED and not quant["float_compute_ops"]
+    if opts.precision in CALIBRATED and (opts.qat is None or getattr(opts.qat, "full_integer", False)) and quant["float_compute_ops"]:
         raise ConversionError(f"the int8 graph kept float compute ops: {quant['float_compute_ops']}")
     return Converted("model.tflite", quant, "TFLite metadata buffer 'retinaface_edge'")
 
