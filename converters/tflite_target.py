@@ -3,8 +3,8 @@
 fp32: litert_torch.convert. fp16: the fp32 flatbuffer with float16 weights (ai-edge-quantizer's
 float_casting; dequantised to float at load, so CPU compute stays fp32, GPU delegates use fp16).
 int8: PT2E post-training quantisation (per-channel symmetric int8 weights, int8 activations from
-histogram observers on the calibration set) of the model behind its own normalisation
-(`quant.ptq.CanvasInput`), annotated so that every op is int8 (`quant.ptq.full_integer_quantizer`) and
+histogram observers on the calibration set) of the model behind its own normalisation, folded into its first
+convolution (`quant.ptq.CanvasInput`), annotated so that every op is int8 (`quant.ptq.full_integer_quantizer`) and
 in the form XNNPACK runs as one partition (`edge.model.integer_graph_form`): a full-integer graph whose
 input is the (1, S, S, 3) BGR canvas as int8 (pixel - 128, scale 1) and whose outputs are int8, their
 scales in the bundle's metadata (`quantization.io`). The op table is recorded and checked: a float
@@ -36,7 +36,7 @@ CAPABILITIES = Capabilities(
         "int8": "full-integer, pure int8 (no int16 activations: runs whole on int8-only NPUs and in one XNNPACK "
                 "partition on CPUs): PT2E PTQ (per-channel int8 weights, int8 activations, int8 softmax/upsample/add), "
                 "canvas input -> litert_torch.convert",
-        "int8-mixed": "full-integer 16x8 where it pays: as int8, but int16 activations in the normalisation, backbone "
+        "int8-mixed": "full-integer 16x8 where it pays: as int8, but int16 activations in backbone "
                       "stage 1, stage2.5 and stage 3 (chosen by `edge sensitivity`), for NPUs with 16x8 kernels and LiteRT; "
                       "a CPU runs those ops outside XNNPACK (about 20x slower than int8)",
     },
@@ -63,8 +63,8 @@ MIXED_RUNTIME = ("LiteRT (ai-edge-litert 2.3 runs it): tflite-runtime 2.14 canno
 def mixed_int16_modules(model) -> tuple[str, ...]:
     """The int8-mixed recipe, from `edge sensitivity` (80 held-out WIDER pictures: the int8 loss sits in stage 1's
     activations as a whole, all of it int16 0.975 against 0.947, no single block more than 0.957; stage 3 and
-    stage2.5 next) and the bundles (150 parity pictures): backbone stage 1 (and so the normalising convolution before
-    it) 0.978 recall, with the last block of stage 2 and stage 3 0.981."""
+    stage2.5 next) and the bundles (150 parity pictures): backbone stage 1 (with the normalisation
+    before it) 0.978 recall, with the last block of stage 2 and stage 3 0.981."""
     return ("body.stage1", "body.stage2.5", "body.stage3")
 
 
@@ -79,7 +79,7 @@ def _convert_int8(model, calib, spec, path: Path, progress: bool, int16_modules=
     with native_output_quiet():
         litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
     res = {"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (histogram observer)",
-           "graph": "full-integer: BGR canvas in (NHWC, normalised inside the model), int8 out"}
+           "graph": "full-integer: BGR canvas in (NHWC; normalisation folded into the first convolution), int8 out"}
     if int16_modules:
         res["requantized"] = requantize_boundaries(path, boundary_requantizations(gm))
         res["runtime_needs"] = MIXED_RUNTIME
@@ -350,7 +350,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> litert_torch.convert", "weights": "int8 per-channel symmetric",
                       "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
         if full:
-            quant["graph"] = "full-integer: BGR canvas in (NHWC, normalised inside the model), int8 out"
+            quant["graph"] = "full-integer: BGR canvas in (NHWC; normalisation folded into the first convolution), int8 out"
     elif opts.precision in CALIBRATED:
         wide = mixed_int16_modules(model) if opts.precision == "int8-mixed" else ()
         announce(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert (full-integer"
@@ -376,6 +376,6 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     return Converted("model.tflite", quant, "TFLite metadata buffer 'retinaface_edge'")
 
 
-CANVAS_FORMAT = "bgr_pixels_nhwc"  # the input is the BGR canvas itself, normalised inside the model
+CANVAS_FORMAT = "bgr_pixels_nhwc"  # the input is the BGR canvas itself; the model normalises it (folded into its first convolution)
 
 

@@ -291,3 +291,41 @@ def integer_graph_form(model: RetinaFace, explicit_padding: bool = False) -> Ret
                     c.padding = (0, 0)
                     seq[i] = nn.Sequential(nn.ZeroPad2d(1), c)
     return m
+
+
+def pixel_input_form(model: RetinaFace, mean, std, weight_grid: int | None = None) -> RetinaFace:
+    """A copy of `model` whose first convolution takes the BGR pixel values themselves (0..255), its input
+    normalisation folded in: weight W / std per input channel, bias -sum(W * mean / std), no padding. Given the
+    pixels padded with one row and one column of the mean colour on the top and left (which are zeros once
+    normalised), it computes the model's function on the normalised input: the stride-2 3x3 convolution of an
+    even-sized input reads no bottom or right padding. The original is untouched.
+
+    This is what lets a full-integer graph take the uint8 canvas with no normalising op of its own (one pass over
+    the full-resolution image fewer, and the pixels reach the first convolution exactly).
+
+    weight_grid: put the folded weights on the symmetric per-output-channel grid of that many steps each side
+    (127: int8) before the mean goes into the bias, so the bias subtracts what the rounded weights make of the mean.
+    Folded from unrounded weights, each channel would carry the weights' rounding error times the mean colour
+    (about 115 grey levels) as a constant offset, which a convolution on centred inputs never sees."""
+    m = copy.deepcopy(model)
+    seq = m.body.stage1[0]
+    conv, padding = seq[0], None
+    if isinstance(conv, nn.Sequential) and len(conv) == 2 and isinstance(conv[0], nn.ZeroPad2d):  # explicit_padding
+        padding, conv = conv[0].padding, conv[1]
+    if not (isinstance(conv, nn.Conv2d) and conv.in_channels == 3 and conv.kernel_size == (3, 3) and conv.stride == (2, 2)
+            and (conv.padding == (1, 1) if padding is None else conv.padding == (0, 0) and padding == (1, 1, 1, 1))
+            and conv.groups == 1 and conv.dilation == (1, 1)):
+        raise ValueError(f"pixel_input_form: the first convolution is not a 3x3, stride-2, padding-1 convolution of 3 channels ({conv})")
+    mean_t = torch.tensor([float(v) for v in mean], dtype=conv.weight.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor([float(v) for v in std], dtype=conv.weight.dtype).view(1, 3, 1, 1)
+    folded = nn.Conv2d(3, conv.out_channels, 3, 2, 0, bias=True)
+    with torch.no_grad():
+        w = conv.weight / std_t
+        if weight_grid is not None:
+            step = w.abs().amax((1, 2, 3), keepdim=True).clamp_min(torch.finfo(w.dtype).tiny) / weight_grid
+            w = torch.round(w / step) * step
+        folded.weight.copy_(w)
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=conv.weight.dtype)
+        folded.bias.copy_(bias - (w * mean_t).sum((1, 2, 3)))
+    seq[0] = folded
+    return m

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from edge.errors import ConfigError
-from edge.model import TupleOutputs, integer_graph_form
+from edge.model import TupleOutputs, integer_graph_form, pixel_input_form
 
 # litert-torch's configs floor every scale at 2**-12. The first convolution sees raw pixels (mean subtracted,
 # not divided): its weights are ~1e-3, per-channel scales ~1e-5, so that floor left 1 to 20 int8 levels per
@@ -88,7 +88,7 @@ def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=(),
         if float_modules:
             raise ValueError("a full-integer graph has no float modules")
         form = integer_graph_form(model, explicit_padding=bool(int16_modules))
-        net, x = CanvasInput(form, spec.mean, spec.std).eval(), torch.zeros(1, size, size, 3)
+        net, x = CanvasInput(form, spec.mean, spec.std, size).eval(), torch.zeros(1, size, size, 3)
         quantizer = full_integer_quantizer(int16_modules=int16_modules)
         batches = (torch.from_numpy(c[None].astype(np.float32)) for c in calib.images)
     else:
@@ -133,24 +133,27 @@ def check_ranges(gm) -> int:
 
 
 class CanvasInput(torch.nn.Module):
-    """The model behind its own input normalisation: (B, H, W, 3) BGR pixel values (0..255, float32 in PyTorch,
+    """The model behind its own input normalisation: (B, S, S, 3) BGR pixel values (0..255, float32 in PyTorch,
     uint8 once converted) -> the model's outputs as a tuple in `spec.output_names` order.
 
-    The normalisation is a 3-channel depthwise 1x1 convolution, weight 1/std and bias -mean/std, so that in int8
-    it is exact: the input is quantised with scale 1 (a pixel is its own integer), the per-channel weight scale
-    makes each weight the integer 127, and the bias, -127 * mean, is an integer too; the accumulator holds
-    127 * (pixel - mean) exactly before the one requantisation any int8 input quantiser does."""
+    The normalisation is folded into the first convolution (`edge.model.pixel_input_form`), which then reads the
+    pixels padded with a row and a column of the mean colour (two concatenations of constants, the zeros of the
+    normalised input): in int8, with the input quantised at scale 1 (a pixel is its own integer) and whole-number
+    means, that padded canvas is exact and the first convolution's accumulator holds its exact sum. No op of the
+    graph normalises the full-resolution image on its own."""
 
-    def __init__(self, model, mean, std):
+    def __init__(self, model, mean, std, size: int):
         super().__init__()
-        self.model = TupleOutputs(model)
-        self.norm = torch.nn.Conv2d(3, 3, 1, groups=3, bias=True)
-        with torch.no_grad():
-            self.norm.weight.copy_(torch.tensor([1.0 / float(s) for s in std]).view(3, 1, 1, 1))
-            self.norm.bias.copy_(torch.tensor([-float(m) / float(s) for m, s in zip(mean, std)]))
+        self.model = TupleOutputs(pixel_input_form(model, mean, std, weight_grid=127))  # int8 weights: [-127, 127]
+        colour = torch.tensor([float(v) for v in mean]).view(1, 1, 1, 3)
+        self.register_buffer("top", colour.expand(1, 1, size, 3).clone())
+        self.register_buffer("left", colour.expand(1, size + 1, 1, 3).clone())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.model(self.norm(x.permute(0, 3, 1, 2)))
+        b = x.shape[0]
+        x = torch.cat([self.top.expand(b, -1, -1, -1), x], 1)
+        x = torch.cat([self.left.expand(b, -1, -1, -1), x], 2)
+        return self.model(x.permute(0, 3, 1, 2))
 
 
 # A uint8 pixel as int8: value = (q - zero_point) * scale = q + 128, every pixel exactly representable.
@@ -189,13 +192,14 @@ def full_integer_quantizer(qat: bool = False, int16_modules=()):
     - additions, concatenations and the pass-through ops (reshape, permute, ...) are annotated; a concatenation's
       inputs and output share one scale (none for copies of one tensor, which the FPN's upsampling is);
     - the softmax output takes TFLite's fixed int8 quantisation (1/256, -128);
-    - the input is fixed at scale 1, zero point -128 (`PIXEL_QPARAMS`), shared through the NHWC -> NCHW permute
-      into the normalising convolution, so pixels enter the graph exactly.
+    - the input, the mean-colour padding concatenated to it and the NHWC -> NCHW permute are fixed at scale 1,
+      zero point -128 (`PIXEL_QPARAMS`) into the first convolution, which takes the pixels with the normalisation
+      folded in (`CanvasInput`), so pixels enter the graph exactly.
 
     int16_modules (PTQ only): every int8 activation quantiser on a node under these modules (outputs and activation
     inputs; weights stay int8 per channel) becomes int16 (`int16_activation_spec`): TFLite's 16x8 mixed precision,
-    for `quant.sensitivity` and the int8-mixed conversion. Where the module fed by the normalised canvas is int16,
-    the normalising convolution is too (its pixels requantised to int16). litert-torch drops the requantisation at
+    for `quant.sensitivity` and the int8-mixed conversion. Where the first convolution is int16, its pixels are
+    requantised to int16 (scale 1, zero point 0: exact). litert-torch drops the requantisation at
     each int8/int16 boundary, which `converters.tflite_target.requantize_boundaries` puts back."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer  # optional: tflite extra
     from litert_torch.quantize.pt2e_quantizer_utils import (  # optional: tflite extra
@@ -240,11 +244,18 @@ def full_integer_quantizer(qat: bool = False, int16_modules=()):
         def annotate(self, model):
             model = super().annotate(model)
             g = model.graph
-            # the input's permute and the normalising convolution (a dynamic batch adds size and guard users)
+            # the input, its mean-colour border, the permute and the first convolution (a dynamic batch adds size
+            # and guard users)
             placeholder = next(n for n in g.nodes if n.op == "placeholder" and n.users)
-            permute = next(u for u in placeholder.users if u.target == aten.permute.default)
-            annotate(permute, {placeholder: fixed(PIXEL_QPARAMS)}, SharedQuantizationSpec((placeholder, permute)))
-            norm = next(u for u in permute.users if u.target == aten.conv2d.default)
+            prev = placeholder
+            for _ in range(2):  # the mean-colour row and column, pixels too
+                cat = next(u for u in prev.users if u.target == aten.cat.default)
+                const = next(a for a in cat.args[0] if a is not prev)
+                annotate(cat, {const: fixed(PIXEL_QPARAMS), prev: fixed(PIXEL_QPARAMS)}, fixed(PIXEL_QPARAMS))
+                prev = cat
+            permute = next(u for u in prev.users if u.target == aten.permute.default)
+            annotate(permute, {prev: SharedQuantizationSpec(prev)}, SharedQuantizationSpec((prev, permute)))
+            norm = next(u for u in permute.users if u.target == aten.conv2d.default)  # the first, folded convolution
             ann(norm).input_qspec_map[permute] = SharedQuantizationSpec(permute)
             for n in g.nodes:  # in graph order, so that chains of pass-through ops share along
                 if n.op != "call_function":
@@ -278,9 +289,8 @@ def full_integer_quantizer(qat: bool = False, int16_modules=()):
                         if is_act8(q):
                             a.input_qspec_map[k] = wide
                 if any(in_modules(u, int16_modules) for u in norm.users):
-                    # the first block is int16: so is the normalising convolution, from the pixels requantised to
-                    # int16 (scale 1, zero point 0: exact), or the block's input would cross int8 -> int16 at a PAD,
-                    # which litert-torch 0.10 cannot type
+                    # the first block is int16: the first convolution reads the pixels requantised to int16
+                    # (scale 1, zero point 0: exact); `requantize_boundaries` puts that QUANTIZE in the flatbuffer
                     ann(norm).input_qspec_map[permute] = FixedQParamsQuantizationSpec(
                         dtype=torch.int16, scale=1.0, zero_point=0, quant_min=-32767, quant_max=32767,
                         qscheme=torch.per_tensor_symmetric)

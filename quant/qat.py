@@ -205,7 +205,7 @@ class QATQuantizer:
         if self.full_integer:
             if g.weight_granularity != "per_channel":
                 raise ValueError("the full-integer program has per-channel weights")
-            net = CanvasInput(integer_graph_form(self.model.eval()), self.model.spec.mean, self.model.spec.std).eval()
+            net = CanvasInput(integer_graph_form(self.model.eval()), self.model.spec.mean, self.model.spec.std, self.size).eval()
             x = torch.zeros(2, self.size, self.size, 3)
             self.quantizer = full_integer_quantizer(qat=True)
         else:
@@ -422,6 +422,10 @@ def load_qat(path, size: int):
         trained = ck.get("retinaface_edge", {}).get("qat", {})
         q = QATQuantizer(model, size=size, observe_steps=0, float_modules=trained.get("float_modules") or (),
                          full_integer=ck.get("retinaface_edge", {}).get("train", {}).get("qat_graph") == "full-integer")
+        if q.full_integer and "gm.norm.weight" in ck["qat_state"]:
+            raise WeightsError(f"{path}: a full-integer QAT checkpoint of the earlier program (a normalising convolution "
+                               "before the model; the program now folds it into the first convolution): train it again "
+                               "with edge compress --qat-graph full-integer")
         net = q.prepare()
         try:
             net.load_state_dict(ck["qat_state"])

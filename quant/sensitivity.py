@@ -6,8 +6,9 @@ harness's matching. The row of a block is what int16 there would buy; the all-in
 
 The simulation tracks the converted TFLite model closely (recall 0.947 against 0.941 on the fidelity study's
 pictures, docs/full-integer.md). Of the int16 rows, what `edge-convert --precision int8-mixed` builds is
-converted (the normalisation and stage 1: recall 0.978 measured on the TFLite bundle); with a block fed by the
-normalised canvas in int16, the normalising convolution is int16 too (see quant.ptq.full_integer_quantizer).
+converted (stage 1 with the normalisation before it: recall 0.978 measured on the TFLite bundle); with stage 1 in
+int16, its first convolution (the normalisation folded in) reads the pixels requantised to int16 (see
+quant.ptq.full_integer_quantizer).
 """
 from __future__ import annotations
 

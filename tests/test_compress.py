@@ -272,6 +272,12 @@ def test_qat_full_integer_program_converts_to_the_full_integer_graph(shared, tmp
     assert not (tmp_path / "onnx").exists()
     qat, model = load_qat(out / "qat.pth", 160)
     assert qat.full_integer
+    # a checkpoint of the earlier program (a normalising convolution before the model) is refused, naming why
+    ck = torch.load(out / "qat.pth", map_location="cpu", weights_only=True)
+    ck["qat_state"]["gm.norm.weight"] = torch.ones(3, 1, 1, 1)
+    torch.save(ck, tmp_path / "earlier.pth")
+    with pytest.raises(WeightsError, match="earlier program"):
+        load_qat(tmp_path / "earlier.pth", 160)
 
     canvas = prepare(load_image(shared / "images" / "group.jpg"), model.spec).pixel_canvas[None]
     with torch.no_grad():

@@ -71,8 +71,9 @@ def test_int8_recall_of_fp32_faces_on_group(bundles, default_model, group_image,
         size = (bundle / "model.tflite").stat().st_size
         assert size <= 0.65e6, size  # the detector ~0.6 MB, the mesh head's three 1x1 convolutions ~20 KB
         q = meta["quantization"]
-        ops = q["ops"]  # 46 convolutions, 13 depthwise + the normalising one, every op int8 (see test_full_integer)
-        assert ops.get("CONV_2D:int8->int8", 0) == 46 and ops.get("DEPTHWISE_CONV_2D:int8->int8", 0) == 14
+        ops = q["ops"]  # 46 convolutions (the first with the normalisation folded in), 13 depthwise, every op int8
+        assert ops.get("CONV_2D:int8->int8", 0) == 46 and ops.get("DEPTHWISE_CONV_2D:int8->int8", 0) == 13
+        assert ops.get("PAD:int8->int8", 0) == 4 and ops.get("CONCATENATION:int8->int8", 0) == 13  # + 2: the mean-colour border
         assert q["full_integer"] and q["float_compute_ops"] == {}
     else:
         assert meta["quantization"]["conv_weight_types"].get("i8", 0) == 59  # 43 convs + 13 group convs + 3 mesh
@@ -325,7 +326,7 @@ def test_tflite_int8_mixed_runs_stage1_in_int16_and_computes_what_its_program_do
     assert q["int16_modules"] == ["body.stage1", "body.stage2.5", "body.stage3"]
     ops = q["ops"]
     assert ops["QUANTIZE:int8->int16"] == 2 and ops["QUANTIZE:int16->int8"] == 4 and ops["LEAKY_RELU:int16->int16"] == 17
-    assert ops["CONV_2D:int16->int16"] == 9 and ops["DEPTHWISE_CONV_2D:int16->int16"] == 9
+    assert ops["CONV_2D:int16->int16"] == 9 and ops["DEPTHWISE_CONV_2D:int16->int16"] == 8
     assert ops["QUANTIZE:uint8->int8"] == 1  # the canvas as every full-integer bundle takes it
     assert not any(k.split(":")[1] in ("int8->int16", "int16->int8") for k in ops if not k.startswith("QUANTIZE"))
     found, _ = _flatbuffer_float_compute_ops(res.bundle / "model.tflite")
@@ -365,20 +366,26 @@ def test_tflite_int8_mixed_runs_stage1_in_int16_and_computes_what_its_program_do
 
 
 def test_tflite_int8_normalises_the_canvas_exactly(bundles, shared):
-    """The normalisation inside the model (a depthwise 1x1 convolution) gives, bit for bit, the int8 tensor that
-    numpy's normalisation and the same input quantisation give; the canvas and tensor paths agree exactly."""
+    """No op normalises the full-resolution canvas on its own: the uint8 pixels become int8 (pixel - 128), a row
+    and a column of the mean colour are concatenated on the top and left (the zeros of the normalised input), and
+    the first convolution, the normalisation folded into it, reads that tensor; which is, bit for bit, the canvas
+    and its mean-colour border. The canvas and tensor paths agree exactly."""
     from ai_edge_litert.interpreter import Interpreter
 
     b = bundles("tflite", "int8")
     meta = read_metadata(b)[1]
     spec = ModelSpec.from_dict(meta["spec"])
+    s = spec.input_size
     it = Interpreter(model_path=str(b / "model.tflite"), experimental_preserve_all_tensors=True)
     it.allocate_tensors()
     details = it.get_tensor_details()
-    first = next(op for op in it._get_ops_details() if op["op_name"] == "DEPTHWISE_CONV_2D")
-    out = details[first["outputs"][0]]
-    assert list(out["shape"]) == [1, 640, 640, 3]
-    scale, zp = out["quantization"]
+    ops = it._get_ops_details()
+    assert [op["op_name"] for op in ops[:4]] == ["QUANTIZE", "CONCATENATION", "CONCATENATION", "CONV_2D"]
+    first = ops[3]
+    x = details[first["inputs"][0]]
+    assert list(x["shape"]) == [1, s + 1, s + 1, 3] and x["quantization"] == (1.0, -128)
+    assert first["inputs"][0] == ops[2]["outputs"][0]
+    assert not any(list(details[op["outputs"][0]]["shape"])[1:3] == [s, s] for op in ops[1:])  # no other op at full size
     prep = prepare(load_image(shared / "images" / "group.jpg"), spec)
     canvas = prep.canvas if prep.has_canvas else None
     if canvas is None:  # a resized picture: take the letterboxed pixels rounded, as the runner would
@@ -387,9 +394,11 @@ def test_tflite_int8_normalises_the_canvas_exactly(bundles, shared):
     for c in (canvas, rng.integers(0, 256, canvas.shape, dtype=np.uint8), np.zeros_like(canvas), np.full_like(canvas, 255)):
         it.set_tensor(it.get_input_details()[0]["index"], np.ascontiguousarray(c[None]))  # the uint8 canvas as it is
         it.invoke()
-        got = it.get_tensor(out["index"])[0]
-        want = np.clip(np.rint((c.astype(np.float32) - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32) / scale) + zp, -128, 127)
-        np.testing.assert_array_equal(got, want.astype(np.int8))
+        got = it.get_tensor(x["index"])[0]
+        want = np.empty((s + 1, s + 1, 3), np.int16)
+        want[:] = np.asarray(spec.mean, np.float64).round().astype(np.int16)
+        want[1:, 1:] = c
+        np.testing.assert_array_equal(got, (want - 128).astype(np.int8))
     r = TFLiteRunner(b / "model.tflite", spec.output_names, mean=spec.mean, std=spec.std)
     assert r.canvas_input
     x = np.ascontiguousarray(((canvas.astype(np.float32) - np.asarray(spec.mean, np.float32))).transpose(2, 0, 1)[None])

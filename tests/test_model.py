@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 
 from edge.anchors import priors
 from edge.contract import FACE_DETECTOR_1MB, PYTORCH_RETINAFACE, ModelSpec
-from edge.model import RetinaFace, TupleOutputs, integer_graph_form
+from edge.model import RetinaFace, TupleOutputs, integer_graph_form, pixel_input_form
 
 
 @pytest.mark.parametrize("hw", [(640, 640), (96, 160), (928, 1600)])
@@ -62,6 +63,43 @@ def test_tuple_wrapper_keeps_contract_order():
         t = TupleOutputs(model)(x)
     for a, name in zip(t, ModelSpec().output_names):
         assert torch.equal(a, d[name])
+
+
+def test_pixel_input_form_takes_the_pixels_padded_with_the_mean_colour():
+    """The normalisation folded into the first convolution: on the pixels with a mean-colour row and column on the
+    top and left, the model's outputs on the normalised input (also with a per-channel std, and from the
+    explicit-padding form). weight_grid=127 puts the folded weights on their int8 grid and folds the mean through
+    the rounded weights: then it is the model with those rounded weights. Anything but a 3x3 stride-2 first
+    convolution of 3 channels is refused; the model is left as it was."""
+    torch.manual_seed(0)
+    model = RetinaFace(ModelSpec(mesh_vertices=68)).eval()
+    before = model.body.stage1[0][0].weight.clone()
+    pixels = torch.randint(0, 256, (1, 3, 160, 160)).float()
+    for mean, std in (((104.0, 117.0, 123.0), (1.0, 1.0, 1.0)), ((103.5, 116.3, 123.7), (57.4, 57.1, 58.4))):
+        m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        padded = m.expand(1, 3, 161, 161).clone()
+        padded[:, :, 1:, 1:] = pixels
+        with torch.no_grad():
+            ref = model((pixels - m) / sd)
+            for form in (model, integer_graph_form(model, explicit_padding=True)):
+                got = pixel_input_form(form, mean, std)(padded)
+                for k in ref:
+                    torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=2e-4)
+            snapped = pixel_input_form(model, mean, std, weight_grid=127)
+            w = snapped.body.stage1[0][0].weight
+            step = w.abs().amax((1, 2, 3), keepdim=True) / 127
+            torch.testing.assert_close(w / step, torch.round(w / step), rtol=0, atol=1e-4)
+            assert 0 < (w - model.body.stage1[0][0].weight / sd).abs().max() <= step.max() / 2 + 1e-6
+            rounded = copy.deepcopy(model)
+            rounded.body.stage1[0][0].weight.copy_(w * sd)
+            ref2, got2 = rounded((pixels - m) / sd), snapped(padded)
+            for k in ref2:
+                torch.testing.assert_close(got2[k], ref2[k], rtol=1e-4, atol=2e-4)
+    assert torch.equal(model.body.stage1[0][0].weight, before) and model.body.stage1[0][0].padding == (1, 1)
+    odd = copy.deepcopy(model)
+    odd.body.stage1[0][0].stride = (1, 1)
+    with pytest.raises(ValueError, match="3x3, stride-2"):
+        pixel_input_form(odd, (104, 117, 123), (1, 1, 1))
 
 
 def test_integer_graph_form_computes_the_same_function():
