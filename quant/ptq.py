@@ -139,8 +139,9 @@ class CanvasInput(torch.nn.Module):
     The normalisation is folded into the first convolution (`edge.model.pixel_input_form`), which then reads the
     pixels padded with a row and a column of the mean colour (two concatenations of constants, the zeros of the
     normalised input): in int8, with the input quantised at scale 1 (a pixel is its own integer) and whole-number
-    means, that padded canvas is exact and the first convolution's accumulator holds its exact sum. No op of the
-    graph normalises the full-resolution image on its own."""
+    means, that padded canvas is exact and the first convolution's accumulator holds its exact sum (a fractional
+    mean colour is rounded in the border: its taps then differ from the normalised zero by under half a grey level).
+    No op of the graph normalises the full-resolution image on its own."""
 
     def __init__(self, model, mean, std, size: int):
         super().__init__()
