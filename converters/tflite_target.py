@@ -45,6 +45,7 @@ CAPABILITIES = Capabilities(
     extra="tflite",
 )
 METADATA_NAME = "retinaface_edge"
+FULL_INTEGER_GRAPH = "full-integer: BGR canvas in (NHWC; normalisation folded into the first convolution), int8 out"
 
 
 def _convert_fp32(model, x: torch.Tensor, path: Path) -> None:
@@ -79,7 +80,7 @@ def _convert_int8(model, calib, spec, path: Path, progress: bool, int16_modules=
     with native_output_quiet():
         litert_torch.convert(gm, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
     res = {"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (histogram observer)",
-           "graph": "full-integer: BGR canvas in (NHWC; normalisation folded into the first convolution), int8 out"}
+           "graph": FULL_INTEGER_GRAPH}
     if int16_modules:
         res["requantized"] = requantize_boundaries(path, boundary_requantizations(gm))
         res["runtime_needs"] = MIXED_RUNTIME
@@ -350,7 +351,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> litert_torch.convert", "weights": "int8 per-channel symmetric",
                       "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
         if full:
-            quant["graph"] = "full-integer: BGR canvas in (NHWC; normalisation folded into the first convolution), int8 out"
+            quant["graph"] = FULL_INTEGER_GRAPH
     elif opts.precision in CALIBRATED:
         wide = mixed_int16_modules(model) if opts.precision == "int8-mixed" else ()
         announce(opts.progress, f"PT2E: observing {len(calib)} calibration images, then litert_torch.convert (full-integer"

@@ -256,8 +256,8 @@ def full_integer_quantizer(qat: bool = False, int16_modules=()):
                 prev = cat
             permute = next(u for u in prev.users if u.target == aten.permute.default)
             annotate(permute, {prev: SharedQuantizationSpec(prev)}, SharedQuantizationSpec((prev, permute)))
-            norm = next(u for u in permute.users if u.target == aten.conv2d.default)  # the first, folded convolution
-            ann(norm).input_qspec_map[permute] = SharedQuantizationSpec(permute)
+            first = next(u for u in permute.users if u.target == aten.conv2d.default)  # the folded convolution
+            ann(first).input_qspec_map[permute] = SharedQuantizationSpec(permute)
             for n in g.nodes:  # in graph order, so that chains of pass-through ops share along
                 if n.op != "call_function":
                     continue
@@ -289,13 +289,13 @@ def full_integer_quantizer(qat: bool = False, int16_modules=()):
                     for k, q in list(a.input_qspec_map.items()):
                         if is_act8(q):
                             a.input_qspec_map[k] = wide
-                if any(in_modules(u, int16_modules) for u in norm.users):
+                if any(in_modules(u, int16_modules) for u in first.users):
                     # the first block is int16: the first convolution reads the pixels requantised to int16
                     # (scale 1, zero point 0: exact); `requantize_boundaries` puts that QUANTIZE in the flatbuffer
-                    ann(norm).input_qspec_map[permute] = FixedQParamsQuantizationSpec(
+                    ann(first).input_qspec_map[permute] = FixedQParamsQuantizationSpec(
                         dtype=torch.int16, scale=1.0, zero_point=0, quant_min=-32767, quant_max=32767,
                         qscheme=torch.per_tensor_symmetric)
-                    ann(norm).output_qspec = wide
+                    ann(first).output_qspec = wide
             return model
 
     return FullInteger().set_global(cfg)
