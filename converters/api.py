@@ -130,7 +130,7 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         print(f"edge-convert: {target} {precision} {input_size}x{input_size} from {info.describe()}", file=sys.stderr)
     if equalize is None or qat is not None:  # a QAT program was trained on the model as it is
         equalize = mod.CAPABILITIES.int8_equalize and qat is None
-    qmodel, eq_report = equalized(model, spec) if precision in CALIBRATED and equalize else (model, None)
+    qmodel, eq_report = equalized(model, spec, cs) if precision in CALIBRATED and equalize else (model, None)
     with atomic_folder(out) as tmp:
         # 4. the target's conversion
         opts = ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules)
@@ -217,9 +217,10 @@ def base_metadata(target: str, precision: str, spec, info, cs) -> dict:
     }
 
 
-def equalized(model, spec):
-    """-> (the model after cross-layer equalisation, its report with the worst FP32 output change)."""
-    qmodel, report = cle(model)
+def equalized(model, spec, cs=None):
+    """-> (the model after cross-layer equalisation, by weight range and, given the calibration set `cs`, by
+    activation range; its report with the worst FP32 output change)."""
+    qmodel, report = cle(model, activations=None if cs is None else cs.tensors(spec))
     qmodel.spec = spec
     report["fp32_max_abs_change"] = _max_change(model, qmodel, spec)
     return qmodel, report

@@ -69,11 +69,12 @@ class SimulatedRunner:
 
 
 def simulated_program(model, spec, calib, int16_modules=(), equalized=None):
-    """The int8 program edge-convert builds for TFLite (cross-layer equalisation, histogram calibration on `calib`),
+    """The int8 program edge-convert builds for TFLite (cross-layer equalisation by weight and activation range,
+    histogram calibration on `calib`),
     with int16 activations under `int16_modules`, converted to quantise/dequantise pairs. `equalized`: the
     equalised model, to skip recomputing it."""
     if equalized is None:
-        equalized, _ = equalize(model)
+        equalized, _ = equalize(model, activations=calib.tensors(spec))
         equalized.spec = spec
     gm, _ = pt2e_calibrated(equalized, spec, calib, progress=False, full_integer=True, int16_modules=int16_modules)
     return quantized_program(gm, fold_quantize=False)
@@ -134,7 +135,7 @@ def sensitivity(model, spec, calib, images, blocks: list[Block], progress=None) 
     """-> {"baseline": figures of the all-int8 program, "blocks": [{"block", "modules", "macs_share", figures,
     "d_recall", ...}]}. images: (name, BGR array) pairs; progress(i, n, name) is called before each program."""
     reference = reference_detections(model, spec, images)
-    equalized, _ = equalize(model)
+    equalized, _ = equalize(model, activations=calib.tensors(spec))
     equalized.spec = spec
     shares = block_macs(model, spec.input_size, blocks)
     rows, baseline = [], None

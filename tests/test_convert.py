@@ -342,10 +342,10 @@ def test_tflite_int8_mixed_runs_stage1_in_int16_and_computes_what_its_program_do
     # the program edge-convert builds (same weights, equalisation and calibration set), run in PyTorch
     model, _ = load_weights("default")
     model.spec = model.spec.with_input_size(160)
-    qm, _ = equalize(model)
+    cs = load_calibration(None, 160, 4, model.spec.mean, False)
+    qm, _ = equalize(model, activations=cs.tensors(model.spec))
     qm.spec = model.spec
-    gm, _ = pt2e_calibrated(qm, qm.spec, load_calibration(None, 160, 4, qm.spec.mean, False), False, full_integer=True,
-                            int16_modules=mixed_int16_modules(qm))
+    gm, _ = pt2e_calibrated(qm, qm.spec, cs, False, full_integer=True, int16_modules=mixed_int16_modules(qm))
     canvas = prepare(load_image(shared / "images" / "group.jpg"), qm.spec).pixel_canvas[None]
     with torch.no_grad():
         sim = quantized_program(gm, fold_quantize=False)(torch.from_numpy(canvas.astype(np.float32)))

@@ -250,7 +250,7 @@ def quantisation_aware_training(args, student, info, spec, dataset, step, featur
     else:
         if args.qat_equalize:  # as edge-convert's PT2E PTQ does: QAT starts where PTQ ends
 
-            qmodel, eq_report = cle(student)
+            qmodel, eq_report = cle(student, activations=None if cs is None else cs.tensors(spec))
             qmodel.spec = spec
         q = QATQuantizer(qmodel, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules,
                          full_integer=args.qat_graph == "full-integer")
