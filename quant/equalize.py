@@ -62,9 +62,12 @@ def _chain(model: RetinaFace) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module
     return units
 
 
-# Outputs of these units feed more than one consumer (the FPN taps stride 8 and 16 maps), so
-# their channels cannot be rescaled by one successor alone.
-_TAPS = {("stage1", 5, 3), ("stage2", 5, 3)}
+def _taps(model: RetinaFace) -> list[nn.Conv2d]:
+    """The units whose outputs feed more than one consumer (the FPN taps the stride 8 and 16 maps, and with the
+    P2-P6 pyramid the stride-4 one), so their channels cannot be rescaled by one successor alone."""
+    body = model.body
+    taps = [body.stage1[5][3], body.stage2[5][3]]
+    return [body.stage1[3][3], *taps] if getattr(model, "p2p6", False) else taps
 
 
 def equalize(model: RetinaFace, iterations: int = 4, activations=None) -> tuple[RetinaFace, dict]:
@@ -73,7 +76,7 @@ def equalize(model: RetinaFace, iterations: int = 4, activations=None) -> tuple[
     report)."""
     m = fold_batchnorm(model)
     units = _chain(m)
-    tap_convs = {id(getattr(m.body, s)[b][c]) for s, b, c in _TAPS}
+    tap_convs = {id(c) for c in _taps(m)}
     pairs = [(units[k], units[k + 1]) for k in range(len(units) - 1) if id(units[k][0]) not in tap_convs]
     before = _spread(pairs)
     for _ in range(iterations):

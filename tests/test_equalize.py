@@ -1,9 +1,12 @@
 """Cross-layer equalisation before int8: by weight range, then by activation range (quant.equalize)."""
 import numpy as np
+import pytest
 import torch
 
 from calib_data.build import load_calibration
+from edge.contract import ARCHS, ModelSpec
 from edge.image_io import load_image
+from edge.model import RetinaFace
 from edge.preprocess import prepare
 from edge.weights.load import load_weights
 from quant.equalize import _chain, equalize
@@ -68,3 +71,24 @@ def test_activation_equalisation_keeps_the_function_evens_the_channels_and_bring
     gain = {k: _snr_db(fp32[k].numpy(), outs["both"][i]) - _snr_db(fp32[k].numpy(), outs["weights"][i])
             for i, k in enumerate(spec.output_names[:3])}  # measured: loc +0.6 dB, conf +0.1, landmarks +0.6
     assert gain["loc"] > 0.3 and gain["landmarks"] > 0.3 and gain["conf"] > -0.5, gain
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_equalisation_keeps_every_architecture_s_function(arch):
+    """Weight and activation equalisation rescale only channels with one consumer: the FPN's taps (with the P2-P6
+    pyramid also the stride-4 map) are left alone, so every architecture computes what it did."""
+    torch.manual_seed(0)
+    model = RetinaFace(ModelSpec(arch=ARCHS[arch], input_size=160)).eval()
+    for mod in model.modules():  # batch norms far from identity, so a wrong scale shows
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.weight.data.uniform_(0.2, 3.0)
+    x = torch.randn(2, 3, 160, 160)
+    for activations in (None, [x[:1].numpy(), x[1:].numpy()]):
+        eq, rep = equalize(model, activations=activations)
+        assert rep["pairs"] > 20
+        with torch.no_grad():
+            ref, got = model(x), eq(x)
+        for k in ref:
+            assert float((ref[k] - got[k]).abs().max()) < 1e-4 * float(ref[k].abs().max()), (arch, k)
