@@ -302,7 +302,9 @@ def test_tflite_int8_is_full_integer(bundles, tmp_path):
     assert count > 100 and found == []
     fp32_found, _ = _flatbuffer_float_compute_ops(bundles("tflite", "fp32") / "model.tflite")
     assert "CONV_2D" in fp32_found  # the check sees float ops where there are some
-    io = read_metadata(b)[1]["quantization"]["io"]
+    q = read_metadata(b)[1]["quantization"]
+    assert q["cross_layer_equalization"]["activations"]["pairs"] > 20  # by weight, then by activation range
+    io = q["io"]
     assert io["input"] == {"shape": [1, 640, 640, 3], "dtype": "uint8", "layout": "NHWC", "scale": 1.0, "zero_point": 0,
                            "format": "bgr_pixels_nhwc"}
     assert set(io["outputs"]) == {"loc", "conf", "landmarks", "mesh"} and all(o["dtype"] == "int8" for o in io["outputs"].values())
@@ -323,6 +325,7 @@ def test_tflite_int8_mixed_runs_stage1_in_int16_and_computes_what_its_program_do
     res = convert("tflite", "int8-mixed", input_size=160, calib_count=4, out=tmp_path / "m", progress=False)
     q = read_metadata(res.bundle)[1]["quantization"]
     assert q["full_integer"] and q["float_compute_ops"] == {} and q["requantized"] == 6
+    assert q["cross_layer_equalization"]["pairs"] > 20 and "activations" not in q["cross_layer_equalization"]
     assert q["int16_modules"] == ["body.stage1", "body.stage2.5", "body.stage3"]
     ops = q["ops"]
     assert ops["QUANTIZE:int8->int16"] == 2 and ops["QUANTIZE:int16->int8"] == 4 and ops["LEAKY_RELU:int16->int16"] == 17
@@ -342,10 +345,10 @@ def test_tflite_int8_mixed_runs_stage1_in_int16_and_computes_what_its_program_do
     # the program edge-convert builds (same weights, equalisation and calibration set), run in PyTorch
     model, _ = load_weights("default")
     model.spec = model.spec.with_input_size(160)
-    cs = load_calibration(None, 160, 4, model.spec.mean, False)
-    qm, _ = equalize(model, activations=cs.tensors(model.spec))
+    qm, _ = equalize(model)  # by weight range only, as int8-mixed is converted
     qm.spec = model.spec
-    gm, _ = pt2e_calibrated(qm, qm.spec, cs, False, full_integer=True, int16_modules=mixed_int16_modules(qm))
+    gm, _ = pt2e_calibrated(qm, qm.spec, load_calibration(None, 160, 4, qm.spec.mean, False), False, full_integer=True,
+                            int16_modules=mixed_int16_modules(qm))
     canvas = prepare(load_image(shared / "images" / "group.jpg"), qm.spec).pixel_canvas[None]
     with torch.no_grad():
         sim = quantized_program(gm, fold_quantize=False)(torch.from_numpy(canvas.astype(np.float32)))
