@@ -69,10 +69,11 @@ class SimulatedRunner:
 
 
 def simulated_program(model, spec, calib, int16_modules=(), equalized=None):
-    """The int8 program edge-convert builds for TFLite (cross-layer equalisation by weight and activation range,
-    histogram calibration on `calib`),
-    with int16 activations under `int16_modules`, converted to quantise/dequantise pairs. `equalized`: the
-    equalised model, to skip recomputing it."""
+    """The int8 program edge-convert builds for TFLite `--precision int8` (cross-layer equalisation by weight and
+    activation range, histogram calibration on `calib`), with int16 activations under `int16_modules` (on the same
+    equalised model, so each row compares with the shipped int8 graph; `int8-mixed` itself is converted from weight
+    equalisation alone), converted to quantise/dequantise pairs. `equalized`: the equalised model, to skip
+    recomputing it."""
     if equalized is None:
         equalized, _ = equalize(model, activations=calib.tensors(spec))
         equalized.spec = spec
