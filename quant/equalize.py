@@ -72,7 +72,7 @@ def _taps(model: RetinaFace) -> list[nn.Conv2d]:
 
 def equalize(model: RetinaFace, iterations: int = 4, activations=None) -> tuple[RetinaFace, dict]:
     """Fold batch norms, then equalise consecutive backbone layers by weight range; given `activations` (the model's
-    calibration inputs, NCHW batches), then by activation range (`equalize_activations`). Returns (new model,
+    calibration inputs, NCHW batches), then by activation range (`_equalize_activations`). Returns (new model,
     report)."""
     m = fold_batchnorm(model)
     units = _chain(m)
@@ -97,7 +97,7 @@ def equalize(model: RetinaFace, iterations: int = 4, activations=None) -> tuple[
                     c2.weight.mul_(s.view(1, -1, 1, 1))
     report = {"pairs": len(pairs), "range_spread_before": before, "range_spread_after": _spread(pairs)}
     if activations is not None:
-        report["activations"] = equalize_activations(m, pairs, activations)
+        report["activations"] = _equalize_activations(m, pairs, activations)
     return m, report
 
 
@@ -105,7 +105,7 @@ def _is_depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups == conv.in_channels and conv.groups > 1
 
 
-def equalize_activations(m: RetinaFace, pairs, activations, depthwise_power: float = 1.0, pointwise_power: float = 0.5,
+def _equalize_activations(m: RetinaFace, pairs, activations, depthwise_power: float = 1.0, pointwise_power: float = 0.5,
                          max_scale: float = 64.0) -> dict:
     """In place on a batch-norm-folded model: for each pair, scale layer 1's output channels up towards the largest
     channel's observed maximum over `activations` and layer 2's input channels down by as much (see the module
