@@ -25,6 +25,7 @@ from edge.samples import parity_images
 from edge.weights.load import load_weights
 from quant.config import check_module_names
 from quant.equalize import equalize as cle
+from quant.ptq import relu_split_modules
 from quant.qat import load_qat
 
 QAT_TARGETS = ("tflite", "openvino", "onnx", "coreml")  # targets a PT2E QAT checkpoint converts to int8 for
@@ -101,28 +102,42 @@ def check_float_modules(target: str, precision: str, float_modules) -> None:
                           f"not {target} {precision}")
 
 
+def check_relu_split(target: str, precision: str, relu_split) -> None:
+    """--relu-split only for TFLite's pure-int8 graph (int8-mixed's stage 1 is int16 already)."""
+    if relu_split and (target != "tflite" or precision != "int8"):
+        raise ConfigError(f"--relu-split applies to tflite int8, not {target} {precision}")
+
+
 def default_out(target: str, precision: str, size: int) -> Path:
     return Path("bundles") / f"retinaface-{target}-{precision}-{size}"
 
 
 def convert(target: str, precision: str = "fp32", *, weights: str = "default", arch: str | None = None, input_size: int = 640,
             calib: str | None = None, calib_count: int = 32, out: str | Path | None = None, progress: bool = True,
-            equalize: bool | None = None, float_modules=()) -> ConvertResult:
+            equalize: bool | None = None, float_modules=(), relu_split=()) -> ConvertResult:
     """Convert the model to one target's bundle. Unsupported requests raise ConfigError before any work.
 
     equalize: for int8, apply cross-layer equalisation to the backbone first (function-preserving);
     None takes the target's measured default (`Capabilities.int8_equalize`).
-    float_modules: for the PT2E int8 routes (tflite, coreml), model modules (e.g. "body.stage1") left float."""
+    float_modules: for the PT2E int8 routes (tflite, coreml), model modules (e.g. "body.stage1") left float.
+    relu_split: for TFLite int8, model modules whose LeakyReLU convolutions the graph computes as two convolutions with
+    fused ReLUs (`edge.model.LeakyAsReLUs`): more accurate, slower (docs/full-integer.md)."""
     t0 = time.perf_counter()
     mod = target_module(target)
     float_modules = tuple(float_modules or ())
+    relu_split = tuple(relu_split or ())
     # 1. refuse a bad request before any work, the destination included
     out = Path(out) if out else default_out(target, precision, input_size)
-    replaced = check_request(mod.CAPABILITIES, precision, input_size, calib, float_modules, out)
+    replaced = check_request(mod.CAPABILITIES, precision, input_size, calib, float_modules, out, relu_split)
     # 2. the FP32 model (the reference), and the QAT program where the checkpoint is one
     model, info = load_reference(weights, arch, input_size, float_modules)
     spec = model.spec
     qat, model = qat_program(info, model, target, precision, calib, input_size)
+    if relu_split:
+        if qat is not None:
+            raise ConfigError("--relu-split: a QAT checkpoint's program is converted as it was trained (train it with "
+                              "edge compress --relu-split)")
+        relu_split = relu_split_modules(model, relu_split)
     # 3. calibration (PTQ int8) and cross-layer equalisation (int8, where the target measured it helps)
     cs = load_calibration(calib, input_size, calib_count, spec.mean, progress) if precision in CALIBRATED and qat is None else None
     meta = base_metadata(target, precision, spec, info, cs)
@@ -135,11 +150,14 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
                          else (model, None))
     with atomic_folder(out) as tmp:
         # 4. the target's conversion
-        opts = ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules)
+        opts = ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules, relu_split)
         conv = mod.convert(qmodel, spec, opts, tmp, cs, minimal_metadata(meta))
         conv.quantization["cross_layer_equalization"] = eq_report
         if float_modules:
             conv.quantization["float_modules"] = list(float_modules)
+        split = relu_split or tuple(getattr(qat, "relu_split", ()))
+        if split:
+            conv.quantization["relu_split"] = list(split)
         # 5. the FP32 reference stored beside it: golden outputs, and the mesh decoder of a low-rank head
         extra = [*conv.extra_files, *write_reference(tmp, model, spec, meta)]
         meta.update(model_file=conv.model_file, quantization=conv.quantization, format_metadata=conv.format_metadata,
@@ -152,7 +170,7 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     return ConvertResult(out, target, precision, size_bytes, time.perf_counter() - t0, meta["parity"], replaced)
 
 
-def check_request(caps, precision: str, input_size: int, calib, float_modules: tuple, out: Path) -> str:
+def check_request(caps, precision: str, input_size: int, calib, float_modules: tuple, out: Path, relu_split: tuple = ()) -> str:
     """Refuse what cannot be done, before any work. -> what is at `out` ("new", "empty folder", "bundle")."""
     caps.check(precision)
     if input_size <= 0 or input_size % 32:
@@ -162,6 +180,7 @@ def check_request(caps, precision: str, input_size: int, calib, float_modules: t
     if calib is not None and precision not in CALIBRATED:
         raise ConfigError(f"--calib is only used for int8, not {precision}")
     check_float_modules(caps.target, precision, float_modules)
+    check_relu_split(caps.target, precision, relu_split)
     return check_destination(out)  # never a file or a folder that is not one of our bundles
 
 

@@ -65,6 +65,7 @@ class ConvertOptions:
     progress: bool = True
     qat: object = None  # int8 from a QAT checkpoint: its prepared quant.qat.QATQuantizer (no calibration)
     float_modules: tuple = ()  # PT2E int8 (tflite, coreml): model modules left float (quant.ptq.pt2e_quantizer)
+    relu_split: tuple = ()  # TFLite int8: modules whose LeakyReLU convolutions are split (quant.ptq.relu_split_modules)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from converters.api import check_float_modules, convert, default_out
+from converters.api import check_float_modules, check_relu_split, convert, default_out
 from converters.bundle import check_destination
 from converters.registry import TARGET_MODULES, capabilities
 from edge.atomic import Terminated
@@ -49,6 +49,9 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--float-modules", default="", metavar="NAMES",
                     help="int8 for tflite and coreml: comma-separated model modules left float, e.g. body.stage1 "
                     "(the high-resolution layers that lose most to int8)")
+    ap.add_argument("--relu-split", default="", metavar="NAMES",
+                    help="tflite int8: comma-separated modules (e.g. body.stage1) whose conv + LeakyReLU layers the graph "
+                    "computes as two convolutions with fused ReLUs: fewer faces lost to int8, slower (docs/full-integer.md)")
     ap.add_argument("--no-parity-gate", action="store_true", help="exit 0 even when the bundle fails its parity gates")
     ap.add_argument("--list", action="store_true", help="print the targets table and exit")
     ap.add_argument("--quiet", action="store_true")
@@ -76,9 +79,11 @@ def main(argv=None) -> int:
             raise ConfigError("bundles have a fixed input size; 'native' is for edge detect/eval with --weights")
         targets = list(TARGET_MODULES) if args.target == "all" else [args.target]
         float_modules = tuple(n for n in args.float_modules.split(",") if n)
+        relu_split = tuple(n for n in args.relu_split.split(",") if n)
         for t in targets:  # refuse before any work
             capabilities(t).check(args.precision)
             check_float_modules(t, args.precision, float_modules)
+            check_relu_split(t, args.precision, relu_split)
         if args.target == "all":  # --out is the parent folder
             outs = {t: Path(args.out or "bundles") / default_out(t, args.precision, args.input_size).name for t in targets}
         else:
@@ -90,7 +95,8 @@ def main(argv=None) -> int:
             out = outs[t]
             results.append(convert(t, args.precision, weights=args.weights, arch=args.arch, input_size=args.input_size,
                                    calib=args.calib, calib_count=args.calib_count, out=out, progress=not args.quiet,
-                                   equalize={'auto': None, 'on': True, 'off': False}[args.equalize], float_modules=float_modules))
+                                   equalize={'auto': None, 'on': True, 'off': False}[args.equalize], float_modules=float_modules,
+                                   relu_split=relu_split))
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

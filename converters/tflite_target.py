@@ -69,12 +69,13 @@ def mixed_int16_modules(model) -> tuple[str, ...]:
     return ("body.stage1", "body.stage2.5", "body.stage3")
 
 
-def _convert_int8(model, calib, spec, path: Path, progress: bool, int16_modules=()) -> dict:
+def _convert_int8(model, calib, spec, path: Path, progress: bool, int16_modules=(), relu_split=()) -> dict:
     """The full-integer route: (1, S, S, 3) int8 canvas in, int8 outputs; int16 activations under int16_modules."""
     import litert_torch  # optional: tflite extra
     from litert_torch.quantize.quant_config import QuantConfig  # optional: tflite extra
 
-    gm, quantizer = pt2e_calibrated(model, spec, calib, progress, full_integer=True, int16_modules=int16_modules)
+    gm, quantizer = pt2e_calibrated(model, spec, calib, progress, full_integer=True, int16_modules=int16_modules,
+                                    relu_split=relu_split)
     gm = quantized_program(gm, fold_quantize=False)
     x = torch.zeros(1, spec.input_size, spec.input_size, 3)
     with native_output_quiet():
@@ -358,7 +359,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
                  + (", int16 activations in " + ", ".join(wide) + ")" if wide else ")"))
         if wide:
             announce(opts.progress, f"int8-mixed runs on {MIXED_RUNTIME}")
-        quant.update(_convert_int8(model, calib, spec, out, opts.progress, wide))
+        quant.update(_convert_int8(model, calib, spec, out, opts.progress, wide, opts.relu_split))
     else:
         announce(opts.progress, "litert_torch.convert")
         tmp = workdir / "fp32.tflite.tmp"

@@ -329,3 +329,46 @@ def pixel_input_form(model: RetinaFace, mean, std, weight_grid: int | None = Non
         folded.bias.copy_(bias - (w * mean_t).sum((1, 2, 3)))
     seq[0] = folded
     return m
+
+
+class LeakyAsReLUs(nn.Module):
+    """conv -> BN -> LeakyReLU(a) as relu(conv_pos(x)) - relu(conv_neg(x)): conv_pos the convolution with the batch
+    norm folded in, conv_neg the same times -a. The same function (LeakyReLU(a)(z) = relu(z) - relu(-a z) for a >= 0),
+    in the form an int8 graph computes well: each convolution's ReLU fuses into it (one quantisation of its output,
+    over its own side only), where a LeakyReLU reads a convolution output quantised over both sides, most of whose
+    levels go to a negative tail that the LeakyReLU then shrinks by 1 / a."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, slope: float):
+        super().__init__()
+        with torch.no_grad():
+            g = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            w = conv.weight * g.view(-1, 1, 1, 1)
+            b = bn.bias - bn.running_mean * g + (conv.bias * g if conv.bias is not None else 0.0)
+        self.pos, self.neg = (self._conv(conv, k * w, k * b) for k in (1.0, -slope))
+
+    @staticmethod
+    def _conv(like: nn.Conv2d, w: torch.Tensor, b: torch.Tensor) -> nn.Conv2d:
+        c = nn.Conv2d(like.in_channels, like.out_channels, like.kernel_size, like.stride, like.padding, like.dilation,
+                      like.groups, bias=True)
+        with torch.no_grad():
+            c.weight.copy_(w)
+            c.bias.copy_(b)
+        return c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.pos(x)) - F.relu(self.neg(x))
+
+
+def leaky_as_relus_form(model: RetinaFace, modules: tuple[str, ...]) -> RetinaFace:
+    """A copy of `model` in which every conv -> BN -> LeakyReLU (consecutive in one nn.Sequential) under `modules`
+    (model-relative names, e.g. "body.stage1") is a `LeakyAsReLUs` (its BN and LeakyReLU become identities): the same
+    function. The original is untouched. Apply it last: other forms (`pixel_input_form`) expect the plain convolutions."""
+    m = copy.deepcopy(model)
+    for name, seq in m.named_modules():
+        if not isinstance(seq, nn.Sequential) or not any(name == p or name.startswith(p + ".") for p in modules):
+            continue
+        for i in range(len(seq) - 2):
+            conv, bn, act = seq[i], seq[i + 1], seq[i + 2]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.LeakyReLU):
+                seq[i], seq[i + 1], seq[i + 2] = LeakyAsReLUs(conv, bn, act.negative_slope), nn.Identity(), nn.Identity()
+    return m

@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from edge.errors import ConfigError
-from edge.model import TupleOutputs, integer_graph_form, pixel_input_form
+from edge.model import LeakyAsReLUs, TupleOutputs, integer_graph_form, leaky_as_relus_form, pixel_input_form
+from quant.config import check_module_names
 
 # litert-torch's configs floor every scale at 2**-12. The first convolution sees raw pixels (mean subtracted,
 # not divided): its weights are ~1e-3, per-channel scales ~1e-5, so that floor left 1 to 20 int8 levels per
@@ -36,6 +37,18 @@ def quantization_config(per_channel: bool = True, qat: bool = False):
     else:
         ctr = ctr.func.with_args(**kwargs)
     return dataclasses.replace(cfg, weight=dataclasses.replace(w, observer_or_fake_quant_ctr=ctr))
+
+
+def relu_split_modules(model, names) -> tuple[str, ...]:
+    """The checked module names of a --relu-split request: each a module of the model with at least one
+    convolution -> batch norm -> LeakyReLU under it (what `edge.model.LeakyAsReLUs` splits). ConfigError otherwise."""
+    names = tuple(n.strip() for n in names if n.strip())
+    check_module_names(model, names)
+    for n in names:
+        if not any(isinstance(mod, LeakyAsReLUs) for mod in leaky_as_relus_form(model, (n,)).modules()):
+            raise ConfigError(f"--relu-split {n}: no convolution -> batch norm -> LeakyReLU under it to split "
+                              "(the backbone's are under body.stage1, body.stage2 and body.stage3)")
+    return names
 
 
 def module_path(node) -> list[str]:
@@ -72,7 +85,7 @@ def pt2e_quantizer(float_modules=(), qat: bool = False, per_channel: bool = True
 
 
 def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=(), full_integer: bool = False,
-                    int16_modules=()):
+                    int16_modules=(), relu_split=()):
     """-> (prepared-and-observed GraphModule, quantizer). Finish with `quantized_program` (fold_quantize=False
     for litert-torch, True for coremltools). float_modules stay float (see pt2e_quantizer).
 
@@ -80,7 +93,9 @@ def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=(),
     its input is the (1, S, S, 3) BGR canvas (uint8 values as float32) and every op is int8 once converted.
     int16_modules (full_integer only): activations under these modules int16 instead (full_integer_quantizer); the
     graph's strided convolutions then pad explicitly (`integer_graph_form(explicit_padding=True)`), which litert-torch
-    needs to convert it."""
+    needs to convert it.
+    relu_split (full_integer only): the LeakyReLU convolutions under these modules as two convolutions with fused ReLUs
+    and a subtraction (`edge.model.LeakyAsReLUs`, `relu_split_modules`)."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e  # optional: tflite/train extra
 
     size = spec.input_size
@@ -88,12 +103,12 @@ def pt2e_calibrated(model, spec, calib, progress: bool = True, float_modules=(),
         if float_modules:
             raise ValueError("a full-integer graph has no float modules")
         form = integer_graph_form(model, explicit_padding=bool(int16_modules))
-        net, x = CanvasInput(form, spec.mean, spec.std, size).eval(), torch.zeros(1, size, size, 3)
+        net, x = CanvasInput(form, spec.mean, spec.std, size, relu_split).eval(), torch.zeros(1, size, size, 3)
         quantizer = full_integer_quantizer(int16_modules=int16_modules)
         batches = (torch.from_numpy(c[None].astype(np.float32)) for c in calib.images)
     else:
-        if int16_modules:
-            raise ValueError("int16 activations are annotated on the full-integer graph only")
+        if int16_modules or relu_split:
+            raise ValueError("int16 activations and split LeakyReLUs are for the full-integer graph only")
         net, x = TupleOutputs(model).eval(), torch.zeros(1, 3, size, size)
         quantizer = pt2e_quantizer(float_modules)
         batches = (torch.from_numpy(t) for t in calib.tensors(spec))
@@ -141,11 +156,14 @@ class CanvasInput(torch.nn.Module):
     normalised input): in int8, with the input quantised at scale 1 (a pixel is its own integer) and whole-number
     means, that padded canvas is exact and the first convolution's accumulator holds its exact sum (a fractional
     mean colour is rounded in the border: its taps then differ from the normalised zero by under half a grey level).
-    No op of the graph normalises the full-resolution image on its own."""
+    No op of the graph normalises the full-resolution image on its own.
 
-    def __init__(self, model, mean, std, size: int):
+    relu_split: modules whose LeakyReLU convolutions become `edge.model.LeakyAsReLUs` (after the folding)."""
+
+    def __init__(self, model, mean, std, size: int, relu_split=()):
         super().__init__()
-        self.model = TupleOutputs(pixel_input_form(model, mean, std, weight_grid=127))  # int8 weights: [-127, 127]
+        form = pixel_input_form(model, mean, std, weight_grid=127)  # int8 weights: [-127, 127]
+        self.model = TupleOutputs(leaky_as_relus_form(form, tuple(relu_split)) if relu_split else form)
         colour = torch.tensor([float(v) for v in mean]).view(1, 1, 1, 3)
         self.register_buffer("top", colour.expand(1, 1, size, 3).clone())
         self.register_buffer("left", colour.expand(1, size + 1, 1, 3).clone())
@@ -266,7 +284,7 @@ def full_integer_quantizer(qat: bool = False, int16_modules=()):
                     annotate(n, own_input(src), act_out)
                 elif n.target in softmax:
                     annotate(n, own_input(src), fixed(SOFTMAX_QPARAMS))
-                elif n.target == aten.add.Tensor and ann(n) is None:
+                elif n.target in (aten.add.Tensor, aten.sub.Tensor) and ann(n) is None:
                     annotate(n, {a: act_in for a in n.args if isinstance(a, torch.fx.Node)}, act_out)
                 elif n.target in passes and ann(n) is None and has_out(src):
                     annotate(n, {src: SharedQuantizationSpec(src)}, SharedQuantizationSpec((src, n)))

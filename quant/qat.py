@@ -181,11 +181,15 @@ class QATQuantizer:
     backend = "pt2e"
 
     def __init__(self, model, config: QuantConfig | None = None, size: int = 640, observe_steps: int = 50, float_modules=(),
-                 full_integer: bool = False):
+                 full_integer: bool = False, relu_split=()):
         self.model, self.config, self.size, self.observe_steps = model, config or QuantConfig(), size, observe_steps
         self.float_modules = tuple(float_modules)  # left float in the program (quant.ptq.pt2e_quantizer)
         if full_integer and self.float_modules:
             raise ValueError("a full-integer program has no float modules")
+        # full-integer only: LeakyReLU convolutions as two with fused ReLUs (edge.model.LeakyAsReLUs), trained as two
+        self.relu_split = tuple(relu_split)
+        if self.relu_split and not full_integer:
+            raise ValueError("split LeakyReLUs are for the full-integer program")
         # full_integer: the program of TFLite's full-integer graph (quant.ptq.full_integer_quantizer), canvas in
         self.full_integer = full_integer
         self.prefix = "model.model." if full_integer else "model."  # the float model's parameters inside the program
@@ -207,7 +211,8 @@ class QATQuantizer:
         if self.full_integer:
             if g.weight_granularity != "per_channel":
                 raise ValueError("the full-integer program has per-channel weights")
-            net = CanvasInput(integer_graph_form(self.model.eval()), self.model.spec.mean, self.model.spec.std, self.size).eval()
+            net = CanvasInput(integer_graph_form(self.model.eval()), self.model.spec.mean, self.model.spec.std, self.size,
+                              self.relu_split).eval()
             x = torch.zeros(2, self.size, self.size, 3)
             self.quantizer = full_integer_quantizer(qat=True)
         else:
@@ -318,13 +323,46 @@ class QATQuantizer:
             self.gm.apply(disable_observer)
 
     def float_state(self, model) -> dict[str, torch.Tensor]:
-        """The trained float weights as a state_dict of `model` (the program holds its own copies)."""
+        """The trained float weights as a state_dict of `model` (the program holds its own copies; `model` is the one
+        the program was prepared from, its batch norms scale-folded)."""
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         n = len(self.prefix)
-        for k, v in self.gm.state_dict().items():
+        trained = {k: v.detach().clone() for k, v in self.gm.state_dict().items()}
+        for k, v in trained.items():
             if k.startswith(self.prefix) and k[n:] in state:
-                state[k[n:]] = v.detach().clone()
+                state[k[n:]] = v
+        if self.full_integer:
+            self._unfold_program_convs(model, trained, state)
         return state
+
+    def _unfold_program_convs(self, model, trained: dict, state: dict) -> None:
+        """The full-integer program's convolutions that are not the model's as they are, back to convolution + batch
+        norm (an exact bias add): the first one takes the pixels (`quant.ptq.CanvasInput`: weight W / std, bias
+        -sum(W * mean / std)); a split one (`edge.model.LeakyAsReLUs`) is the convolution and its batch norm in one
+        (`pos`; its negative twin `neg` trains apart and is not part of the float model)."""
+        spec = model.spec
+        mean, std = (torch.tensor([float(v) for v in t]).view(1, 3, 1, 1) for t in (spec.mean, spec.std))
+        first = model.body.stage1[0][0]
+        for name, seq in model.named_modules():
+            if not isinstance(seq, nn.Sequential):
+                continue
+            for i, (conv, bn) in enumerate(zip(seq, list(seq)[1:])):
+                if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                    continue
+                at, bn_at = f"{self.prefix}{name}.{i}", f"{name}.{i + 1}"
+                if f"{at}.pos.weight" in trained:
+                    w, b = trained[f"{at}.pos.weight"], trained[f"{at}.pos.bias"]
+                elif conv is first:
+                    w, b = trained[f"{at}.weight"], trained[f"{at}.bias"] + trained[f"{self.prefix}{bn_at}.bias"]
+                else:
+                    continue
+                if conv is first:
+                    b = b + (w * mean).sum((1, 2, 3))
+                    w = w * std
+                state[f"{name}.{i}.weight"] = w
+                state[f"{bn_at}.weight"], state[f"{bn_at}.bias"] = torch.ones_like(b), b
+                state[f"{bn_at}.running_mean"] = torch.zeros_like(b)
+                state[f"{bn_at}.running_var"] = torch.full_like(b, 1.0 - bn.eps)
 
     def finalize(self, fold_quantize: bool = False):
         """-> the converted program with quantize/dequantize pairs: weights not folded for litert-torch,
@@ -336,7 +374,7 @@ class QATQuantizer:
     def report(self) -> dict:
         fq = sum(1 for m in self.gm.modules() if type(m).__name__.endswith("FakeQuantize")) if self.gm is not None else 0
         return {"method": "qat", "steps": self.steps, "calibration_images": getattr(self, "calibrated", 0), "batch_norms_folded": getattr(self, "folded", 0), "observe_steps": self.observe_steps, "fake_quantizers": fq,
-                "float_modules": list(self.float_modules),
+                "float_modules": list(self.float_modules), "relu_split": list(self.relu_split),
                 "graph": "full-integer" if self.full_integer else "float input (NCHW)",
                 "activation_ranges": "learnt" if getattr(self, "learned", None) or getattr(self, "ranges_learnt", False) else "frozen",
                 "weights": self.config.global_config.weight_granularity if self.config.global_config else None}
@@ -422,8 +460,9 @@ def load_qat(path, size: int):
             raise WeightsError(f"{path}: its NNCF QAT state does not fit the model ({str(e)[:200]})") from None
     else:
         trained = ck.get("retinaface_edge", {}).get("qat", {})
+        full = ck.get("retinaface_edge", {}).get("train", {}).get("qat_graph") == "full-integer"
         q = QATQuantizer(model, size=size, observe_steps=0, float_modules=trained.get("float_modules") or (),
-                         full_integer=ck.get("retinaface_edge", {}).get("train", {}).get("qat_graph") == "full-integer")
+                         full_integer=full, relu_split=(trained.get("relu_split") or ()) if full else ())
         if q.full_integer and "gm.norm.weight" in ck["qat_state"]:
             raise WeightsError(f"{path}: a full-integer QAT checkpoint of the earlier program (a normalising convolution "
                                "before the model; the program now folds it into the first convolution): train it again "

@@ -242,20 +242,24 @@ def test_qat_full_integer_program_converts_to_the_full_integer_graph(shared, tmp
     """--qat-graph full-integer trains the program of TFLite's full-integer graph (canvas in, every op int8): it
     converts with no float compute op, the trained simulation is what the TFLite model computes (on a real
     picture: loc within two int8 steps in the median), and another target or a shape the program cannot have is refused
-    before any work. --prune 0: QAT of the model itself, no pruning stage and no final.pth."""
+    before any work. --prune 0: QAT of the model itself, no pruning stage and no final.pth. Trained with --relu-split
+    body.stage1 (stage 1's LeakyReLU convolutions as two with fused ReLUs and a SUB), which the checkpoint carries to
+    the conversion; edge-convert --relu-split with a QAT checkpoint is refused (the program is converted as trained)."""
 
     base = ["compress", "--images", str(shared / "images"), "--prune", "0", "--batch", "1", "--size", "160",
             "--val", "1", "--warmup", "1", "--threads", "1", "--calib-count", "2", "--quiet"]
     for bad, says in ((["--qat-graph", "full-integer"], "--qat-steps"),
                       (["--qat-graph", "full-integer", "--qat-steps", "2", "--float-modules", "body.stage1"], "no float modules"),
-                      (["--qat-graph", "full-integer", "--qat-steps", "2", "--qat-backend", "nncf"], "pt2e")):
+                      (["--qat-graph", "full-integer", "--qat-steps", "2", "--qat-backend", "nncf"], "pt2e"),
+                      (["--qat-steps", "2", "--relu-split", "body.stage1"], "--qat-graph full-integer"),
+                      (["--qat-graph", "full-integer", "--qat-steps", "2", "--relu-split", "fpn.merge9"], "no module")):
         assert main([*base, *bad, "--out", str(tmp_path / "bad")]) == 2
         assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()
     out = tmp_path / "run"
     assert main([*base, "--out", str(tmp_path / "none")]) == 2 and "nothing to prune" in capsys.readouterr().err
     # in a fresh process, as a user runs it: building the quantizer starts TensorFlow, whose notices are held back
     r = subprocess.run([sys.executable, "-c", "import sys; from edge.commands.cli import main; sys.exit(main(sys.argv[1:]))",
-                        *base, "--qat-steps", "2", "--qat-graph", "full-integer", "--out", str(out)],
+                        *base, "--qat-steps", "2", "--qat-graph", "full-integer", "--relu-split", "body.stage1", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     for noise in ("absl::InitializeLog", "oneDNN", "FutureWarning"):
@@ -272,12 +276,17 @@ def test_qat_full_integer_program_converts_to_the_full_integer_graph(shared, tmp
     bundle = tmp_path / "tfl"
     q = read_metadata(bundle)[1]["quantization"]
     assert q["full_integer"] is True and q["float_compute_ops"] == {} and q["qat"]["graph"] == "full-integer"
-    assert q["ops"]["QUANTIZE:uint8->int8"] == 1 and q["ops"]["CONV_2D:int8->int8"] == 46 and q["qat"]["steps"] == 2
+    assert q["ops"]["QUANTIZE:uint8->int8"] == 1 and q["ops"]["CONV_2D:int8->int8"] == 52 and q["qat"]["steps"] == 2
+    assert q["ops"]["SUB:int8->int8"] == 11 and q["relu_split"] == ["body.stage1"] == q["qat"]["relu_split"]
     with pytest.raises(ConfigError, match="full-integer"):
         convert("onnx", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "onnx", progress=False)
     assert not (tmp_path / "onnx").exists()
+    with pytest.raises(ConfigError, match="as it was trained"):
+        convert("tflite", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "again", progress=False,
+                relu_split=["body.stage1"])
+    assert not (tmp_path / "again").exists()
     qat, model = load_qat(out / "qat.pth", 160)
-    assert qat.full_integer
+    assert qat.full_integer and qat.relu_split == ("body.stage1",)
     # a checkpoint of the earlier program (a normalising convolution before the model) is refused, naming why
     ck = torch.load(out / "qat.pth", map_location="cpu", weights_only=True)
     ck["qat_state"]["gm.norm.weight"] = torch.ones(3, 1, 1, 1)
@@ -520,6 +529,34 @@ def test_feature_taps_on_the_full_integer_program(default_model):
     assert got.shape == ref.shape
     loss, _ = feature_loss({"s": got}, {"s": ref})
     assert 0 < float(loss) < 0.2
+
+
+def test_full_integer_program_float_state_is_the_model(default_model):
+    """The float weights a full-integer QAT checkpoint stores are the program's, back in the model's own form: the
+    first convolution takes normalised input again (the program's takes the pixels, mean and std folded in; a std
+    other than 1 here) and a split convolution (--relu-split: conv and batch norm in one, with a negative twin) is
+    conv + batch norm. Untrained, that float model computes what the model does (its first convolution's weights on
+    their int8 grid, as the program holds them)."""
+    import copy
+    import dataclasses
+
+    model, _ = default_model
+    m = copy.deepcopy(model).eval()
+    m.spec = dataclasses.replace(m.spec.with_input_size(160), std=(57.4, 57.1, 58.4))
+    x = torch.from_numpy(next(iter(load_calibration(None, 160, 1, m.spec.mean, progress=False).tensors(m.spec)))) / 57.0
+    for split in ((), ("body.stage1",)):
+        q = QATQuantizer(copy.deepcopy(m), size=160, full_integer=True, relu_split=split)
+        q.prepare()
+        back = copy.deepcopy(m)
+        back.load_state_dict(q.float_state(q.model))
+        with torch.no_grad():
+            ref, got = m(x), back(x)
+        for k in ref:
+            scale = float(ref[k].abs().max())
+            assert float((got[k] - ref[k]).abs().max()) < 0.02 * scale, (split, k)
+        w = back.body.stage1[0][0].weight / torch.tensor(m.spec.std).view(1, 3, 1, 1)
+        step = w.abs().amax((1, 2, 3), keepdim=True) / 127
+        assert torch.allclose(w / step, (w / step).round(), atol=1e-3)
 
 
 @pytest.mark.qat

@@ -7,7 +7,7 @@ import torch
 
 from edge.anchors import priors
 from edge.contract import FACE_DETECTOR_1MB, PYTORCH_RETINAFACE, ModelSpec
-from edge.model import RetinaFace, TupleOutputs, integer_graph_form, pixel_input_form
+from edge.model import LeakyAsReLUs, RetinaFace, TupleOutputs, integer_graph_form, leaky_as_relus_form, pixel_input_form
 
 
 @pytest.mark.parametrize("hw", [(640, 640), (96, 160), (928, 1600)])
@@ -100,6 +100,37 @@ def test_pixel_input_form_takes_the_pixels_padded_with_the_mean_colour():
     odd.body.stage1[0][0].stride = (1, 1)
     with pytest.raises(ValueError, match="3x3, stride-2"):
         pixel_input_form(odd, (104, 117, 123), (1, 1, 1))
+
+
+def test_leaky_as_relus_form_computes_the_same_function():
+    """LeakyReLU(a) as relu(conv) - relu(-a conv), the batch norm folded into both convolutions: the same outputs to float
+    rounding (batch norms with real statistics), on the model and after `pixel_input_form` (whose first convolution
+    has a bias); every conv -> BN -> LeakyReLU under the named modules is split (stage 1: the first convolution and
+    the depthwise and pointwise layers of its five blocks), nothing else; the model is left as it was."""
+    torch.manual_seed(0)
+    model = RetinaFace(ModelSpec(mesh_vertices=68)).eval()
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(1, 3, 160, 160) * 50
+    pixels = torch.randint(0, 256, (1, 3, 161, 161)).float()
+    mean, std = (104.0, 117.0, 123.0), (1.0, 1.0, 1.0)
+    with torch.no_grad():
+        ref = model(x)
+        split = leaky_as_relus_form(model, ("body.stage1",))
+        got = split(x)
+        pix_ref = pixel_input_form(model, mean, std)(pixels)
+        pix_got = leaky_as_relus_form(pixel_input_form(model, mean, std), ("body.stage1",))(pixels)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(pix_got[k], pix_ref[k], rtol=1e-4, atol=1e-4)
+    assert sum(isinstance(m, LeakyAsReLUs) for m in split.modules()) == 11
+    assert not any(isinstance(m, LeakyAsReLUs) for n, m in split.named_modules() if not n.startswith("body.stage1."))
+    assert not any(isinstance(m, LeakyAsReLUs) for m in model.modules())
+    assert all(isinstance(m, torch.nn.LeakyReLU) for m in (model.body.stage1[0][2], model.body.stage1[1][5]))
 
 
 def test_integer_graph_form_computes_the_same_function():

@@ -34,6 +34,7 @@ from edge.widths import shrink_to
 from quant.config import check_module_names
 from quant.distill import student_step
 from quant.equalize import equalize as cle
+from quant.ptq import relu_split_modules
 from quant.features import FeatureTaps, feature_widths, student_taps
 from quant.prune import Pruner, stage_config
 from quant.qat import NNCFQATQuantizer, QATQuantizer
@@ -68,6 +69,7 @@ def cmd_compress(args) -> int:
     # 2. the FP32 teacher, the held-out list, the training data and the loss
     teacher, info = load_weights(args.weights, arch=args.arch)
     check_module_names(teacher, [*overrides, *(args.freeze or []), *float_modules, *feature_names])
+    relu_split = relu_split_modules(teacher, args.relu_split.split(","))
     spec = teacher.spec.with_input_size(args.size)
     teacher.spec = spec
     teacher.to(env.device).eval()
@@ -93,7 +95,7 @@ def cmd_compress(args) -> int:
     qat_report = None
     if args.qat_steps or args.qat_epochs:
         qat_report = quantisation_aware_training(args, student, info, spec, dataset, step, features, float_modules,
-                                                 feature_names, len(train_set), out, env)
+                                                 feature_names, len(train_set), out, env, relu_split)
     if features is not None:
         features["teacher"].close()
     checksums = same_weights_everywhere(student, env)
@@ -140,6 +142,8 @@ def check_request(args) -> tuple[dict, tuple, tuple, bool]:
             raise ConfigError("--qat-graph full-integer shapes the pt2e QAT program: give --qat-steps or --qat-epochs with --qat-backend pt2e")
         if float_modules:
             raise ConfigError("--qat-graph full-integer has no float modules: drop --float-modules")
+    elif args.relu_split:
+        raise ConfigError("--relu-split shapes the full-integer QAT program: give --qat-graph full-integer")
     if args.qat_ranges == "learnt" and (args.qat_backend != "pt2e" or args.observe_steps):
         raise ConfigError("--qat-ranges learnt is for the pt2e backend, starting from calibrated ranges (--observe-steps 0); "
                           "NNCF's quantisers learn their ranges already")
@@ -235,7 +239,7 @@ def prune_stages(args, teacher, info, spec, dataset, step, features, overrides, 
 
 
 def quantisation_aware_training(args, student, info, spec, dataset, step, features, float_modules, feature_names,
-                                n_images: int, out: Path, env) -> dict:
+                                n_images: int, out: Path, env, relu_split: tuple = ()) -> dict:
     """QAT of `student` (OUT/qat.pth: its float weights and the trained program). -> the QAT report."""
     qdir, qfinal = out / "qat", out / "qat.pth"
     if qfinal.exists():
@@ -253,7 +257,7 @@ def quantisation_aware_training(args, student, info, spec, dataset, step, featur
             qmodel, eq_report = cle(student, activations=None if cs is None else cs.tensors(spec))
             qmodel.spec = spec
         q = QATQuantizer(qmodel, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules,
-                         full_integer=args.qat_graph == "full-integer")
+                         full_integer=args.qat_graph == "full-integer", relu_split=relu_split)
         net = q.prepare()
         if cs is not None:
             q.calibrate(cs.tensors(spec))
@@ -264,7 +268,7 @@ def quantisation_aware_training(args, student, info, spec, dataset, step, featur
                       warmup=min(args.warmup, args.qat_steps or args.warmup), workers=args.workers, seed=args.seed + 100,
                       save_every=args.save_every, bn="frozen", progress=not args.quiet,
                       extra={"qat_backend": args.qat_backend, "qat_graph": args.qat_graph, "qat_ranges": args.qat_ranges,
-                             "float_modules": list(float_modules),
+                             "float_modules": list(float_modules), "relu_split": args.relu_split or None,
                              "equalize": bool(args.qat_equalize and args.qat_backend == "pt2e"),
                              "distill_features": list(feature_names), "feature_weight": args.feature_weight if feature_names else None,
                              "band_weight": args.band_weight, "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
@@ -394,6 +398,10 @@ def register(sub) -> None:
     p.add_argument("--qat-graph", choices=("float-input", "full-integer"), default="float-input",
                    help="the pt2e QAT program: float-input (converts for tflite, openvino, onnx and coreml) or full-integer "
                         "(TFLite's full-integer graph, uint8 canvas in: converts for tflite only)")
+    p.add_argument("--relu-split", default="", metavar="NAMES",
+                   help="--qat-graph full-integer: comma-separated modules (e.g. body.stage1) whose LeakyReLU convolutions "
+                   "the program computes as two convolutions with fused ReLUs (as edge-convert --relu-split; more accurate "
+                   "int8, slower)")
     p.add_argument("--qat-ranges", choices=("frozen", "learnt"), default="frozen",
                    help="pt2e: activation ranges frozen after calibration, or scales trained with the weights (LSQ)")
     p.add_argument("--no-qat-equalize", dest="qat_equalize", action="store_false",
