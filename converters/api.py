@@ -25,7 +25,7 @@ from edge.samples import parity_images
 from edge.weights.load import load_weights
 from quant.config import check_module_names
 from quant.equalize import equalize as cle
-from quant.ptq import relu_split_modules
+from quant.ptq import RELU_SPLIT_RATIO, relu_split_by_range, relu_split_modules
 from quant.qat import load_qat
 
 QAT_TARGETS = ("tflite", "openvino", "onnx", "coreml")  # targets a PT2E QAT checkpoint converts to int8 for
@@ -148,6 +148,11 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     # by activation range too for int8 (int8-mixed measured better without: its stage 1 is int16 already)
     qmodel, eq_report = (equalized(model, spec, cs if precision == "int8" else None) if precision in CALIBRATED and equalize
                          else (model, None))
+    split_rule = None
+    if relu_split == ("auto",):  # the layers whose convolution output's negative side is widest, on these pictures
+        relu_split, split_rule = relu_split_by_range(qmodel, cs.tensors(spec)), f"auto (negative side > {RELU_SPLIT_RATIO} x positive)"
+        if progress:
+            print(f"  - --relu-split auto: {', '.join(relu_split) or 'no layer'}", file=sys.stderr)
     with atomic_folder(out) as tmp:
         # 4. the target's conversion
         opts = ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules, relu_split)
@@ -158,6 +163,8 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         split = relu_split or tuple(getattr(qat, "relu_split", ()))
         if split:
             conv.quantization["relu_split"] = list(split)
+        if split_rule:
+            conv.quantization["relu_split_rule"] = split_rule
         # 5. the FP32 reference stored beside it: golden outputs, and the mesh decoder of a low-rank head
         extra = [*conv.extra_files, *write_reference(tmp, model, spec, meta)]
         meta.update(model_file=conv.model_file, quantization=conv.quantization, format_metadata=conv.format_metadata,

@@ -51,7 +51,8 @@ def make_parser() -> argparse.ArgumentParser:
                     "(the high-resolution layers that lose most to int8)")
     ap.add_argument("--relu-split", default="", metavar="NAMES",
                     help="tflite int8: comma-separated modules (e.g. body.stage1) whose conv + LeakyReLU layers the graph "
-                    "computes as two convolutions with fused ReLUs: fewer faces lost to int8, slower (docs/full-integer.md)")
+                    "computes as two convolutions with fused ReLUs: fewer faces lost to int8, slower (docs/full-integer.md); "
+                    "auto: the layers whose output's negative side is widest on the calibration pictures")
     ap.add_argument("--no-parity-gate", action="store_true", help="exit 0 even when the bundle fails its parity gates")
     ap.add_argument("--list", action="store_true", help="print the targets table and exit")
     ap.add_argument("--quiet", action="store_true")

@@ -360,15 +360,17 @@ class LeakyAsReLUs(nn.Module):
 
 
 def leaky_as_relus_form(model: RetinaFace, modules: tuple[str, ...]) -> RetinaFace:
-    """A copy of `model` in which every conv -> BN -> LeakyReLU (consecutive in one nn.Sequential) under `modules`
-    (model-relative names, e.g. "body.stage1") is a `LeakyAsReLUs` (its BN and LeakyReLU become identities): the same
+    """A copy of `model` in which every conv -> BN -> LeakyReLU (consecutive in one nn.Sequential) whose convolution
+    is named in `modules` or lies under one (model-relative names: "body.stage1", "body.stage1.1.0") is a `LeakyAsReLUs` (its BN and LeakyReLU become identities): the same
     function. The original is untouched. Apply it last: other forms (`pixel_input_form`) expect the plain convolutions."""
     m = copy.deepcopy(model)
-    for name, seq in m.named_modules():
-        if not isinstance(seq, nn.Sequential) or not any(name == p or name.startswith(p + ".") for p in modules):
+    for name, seq in list(m.named_modules()):
+        if not isinstance(seq, nn.Sequential):
             continue
         for i in range(len(seq) - 2):
             conv, bn, act = seq[i], seq[i + 1], seq[i + 2]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.LeakyReLU):
+            at = f"{name}.{i}"  # the convolution's own name: a module named, or one under it
+            if (any(at == p or at.startswith(p + ".") for p in modules) and isinstance(conv, nn.Conv2d)
+                    and isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.LeakyReLU)):
                 seq[i], seq[i + 1], seq[i + 2] = LeakyAsReLUs(conv, bn, act.negative_slope), nn.Identity(), nn.Identity()
     return m

@@ -41,14 +41,62 @@ def quantization_config(per_channel: bool = True, qat: bool = False):
 
 def relu_split_modules(model, names) -> tuple[str, ...]:
     """The checked module names of a --relu-split request: each a module of the model with at least one
-    convolution -> batch norm -> LeakyReLU under it (what `edge.model.LeakyAsReLUs` splits). ConfigError otherwise."""
+    convolution -> batch norm -> LeakyReLU under it (what `edge.model.LeakyAsReLUs` splits), or ("auto",)
+    (`relu_split_by_range` chooses, given calibration pictures). ConfigError otherwise."""
     names = tuple(n.strip() for n in names if n.strip())
+    if "auto" in names:
+        if names != ("auto",):
+            raise ConfigError("--relu-split auto chooses the layers itself: give it alone, or names")
+        return names
     check_module_names(model, names)
     for n in names:
         if not any(isinstance(mod, LeakyAsReLUs) for mod in leaky_as_relus_form(model, (n,)).modules()):
             raise ConfigError(f"--relu-split {n}: no convolution -> batch norm -> LeakyReLU under it to split "
                               "(the backbone's are under body.stage1, body.stage2 and body.stage3)")
     return names
+
+
+# `relu_split_by_range`: split a LeakyReLU convolution when its output's negative side reaches further than this
+# times its positive side (on the calibration pictures, after equalisation). On the default model that is stage1.0,
+# stage1.1's depthwise, stage1.4's depthwise (2.8, 1.6, 2.6) and two stage-3 layers; the next ratios are 1.5 and below.
+RELU_SPLIT_RATIO = 1.5
+
+
+def relu_split_by_range(model, tensors, ratio: float = RELU_SPLIT_RATIO) -> tuple[str, ...]:
+    """`--relu-split auto`: the convolutions (model-relative names) whose conv -> BN output, before its LeakyReLU,
+    spans a negative side more than `ratio` times its positive side over `tensors` (NCHW calibration batches): there an
+    int8 convolution output spends most of its levels on a tail the LeakyReLU shrinks, which the split avoids."""
+    lows: dict[str, float] = {}
+    highs: dict[str, float] = {}
+
+    def observe(name):
+        def hook(_mod, inp, _out):
+            x = inp[0].detach()
+            lows[name] = min(lows.get(name, 0.0), float(x.min()))
+            highs[name] = max(highs.get(name, 0.0), float(x.max()))
+        return hook
+
+    handles = []
+    for name, seq in model.named_modules():
+        if isinstance(seq, torch.nn.Sequential):
+            for i in range(len(seq) - 2):
+                if (isinstance(seq[i], torch.nn.Conv2d) and isinstance(seq[i + 1], torch.nn.BatchNorm2d)
+                        and isinstance(seq[i + 2], torch.nn.LeakyReLU)):
+                    handles.append(seq[i + 2].register_forward_hook(observe(f"{name}.{i}")))
+    inplace = {m: m.inplace for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)}
+    try:
+        for m in inplace:
+            m.inplace = False  # the hook reads the activation's input
+        with torch.no_grad():
+            model.eval()
+            for x in tensors:
+                model(torch.as_tensor(x))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, v in inplace.items():
+            m.inplace = v
+    return tuple(n for n in lows if highs[n] > 0 and -lows[n] > ratio * highs[n])
 
 
 def module_path(node) -> list[str]:

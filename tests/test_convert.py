@@ -313,17 +313,19 @@ def test_tflite_int8_is_full_integer(bundles, tmp_path):
 
 
 def test_tflite_int8_relu_split_computes_what_its_program_does(tmp_path, shared, rpi_python):
-    """--relu-split body.stage1: the 11 LeakyReLU convolutions of stage 1 each become two int8 convolutions with fused
-    ReLUs and an int8 SUB (11 LEAKY_RELU fewer, 6 + 5 convolutions more), every op still integer; the TFLite model
-    computes what the PT2E program simulates; the Raspberry Pi suite (tflite-runtime 2.14) runs it. Other targets,
-    int8-mixed and names with nothing to split are refused before any work."""
-    res = convert("tflite", "int8", input_size=160, calib_count=4, out=tmp_path / "s", progress=False,
-                  relu_split=["body.stage1"])
+    """--relu-split auto: the LeakyReLU convolutions whose output's negative side is widest on the calibration pictures
+    (the first convolution among them) each become two int8 convolutions with fused ReLUs and an int8 SUB (one
+    LEAKY_RELU fewer and one convolution more each), every op still integer; the TFLite model computes what the PT2E
+    program simulates; the Raspberry Pi suite (tflite-runtime 2.14) runs it. Other targets, int8-mixed and names with
+    nothing to split are refused before any work."""
+    res = convert("tflite", "int8", input_size=160, calib_count=4, out=tmp_path / "s", progress=False, relu_split=["auto"])
     q = read_metadata(res.bundle)[1]["quantization"]
-    assert q["full_integer"] and q["float_compute_ops"] == {} and q["relu_split"] == ["body.stage1"]
+    split = q["relu_split"]
+    assert q["full_integer"] and q["float_compute_ops"] == {} and q["relu_split_rule"].startswith("auto")
+    assert "body.stage1.0.0" in split and all(n.startswith("body.") for n in split)
     ops = q["ops"]
-    assert ops["SUB:int8->int8"] == 11 and ops["LEAKY_RELU:int8->int8"] == 27
-    assert ops["CONV_2D:int8->int8"] == 52 and ops["DEPTHWISE_CONV_2D:int8->int8"] == 18
+    assert ops["SUB:int8->int8"] == len(split) and ops["LEAKY_RELU:int8->int8"] == 38 - len(split)
+    assert ops["CONV_2D:int8->int8"] + ops["DEPTHWISE_CONV_2D:int8->int8"] == 46 + 13 + len(split)
     assert _flatbuffer_float_compute_ops(res.bundle / "model.tflite")[0] == []
 
     model, _ = load_weights("default")
@@ -331,14 +333,17 @@ def test_tflite_int8_relu_split_computes_what_its_program_does(tmp_path, shared,
     cs = load_calibration(None, 160, 4, model.spec.mean, False)
     qm, _ = equalize(model, activations=cs.tensors(model.spec))  # as edge-convert equalises for int8
     qm.spec = model.spec
-    gm, _ = pt2e_calibrated(qm, qm.spec, cs, False, full_integer=True, relu_split=("body.stage1",))
+    gm, _ = pt2e_calibrated(qm, qm.spec, cs, False, full_integer=True, relu_split=tuple(split))
     canvas = prepare(load_image(shared / "images" / "group.jpg"), qm.spec).pixel_canvas[None]
     with torch.no_grad():
         sim = quantized_program(gm, fold_quantize=False)(torch.from_numpy(canvas.astype(np.float32)))
     got = TFLiteRunner(res.bundle / "model.tflite", qm.spec.output_names).run_image(canvas)
     step = q["io"]["outputs"]["loc"]["scale"]
     assert np.median(np.abs(got["loc"] - sim[0].numpy())) <= 2.01 * step
-    assert np.abs(got["conf"] - sim[1].numpy()).max() < 0.1
+    # TFLite's SUB rounds its rescaling its own way: a few anchors' scores drift further (2 of 2,100 by more than
+    # 0.05, at most 0.11 when measured)
+    dconf = np.abs(got["conf"] - sim[1].numpy())
+    assert np.mean(dconf > 0.05) < 0.005 and dconf.max() < 0.2
 
     # tflite-runtime 2.14 loads and runs the graph (SUB, fused-ReLU convolutions); at 160 with 4 calibration pictures
     # its gates are not the point (the mesh NME of this small bundle measured 0.053 on the suite's pictures)
@@ -349,7 +354,8 @@ def test_tflite_int8_relu_split_computes_what_its_program_does(tmp_path, shared,
     for target, precision, names, says in (("onnx", "int8", ["body.stage1"], "tflite int8"),
                                            ("tflite", "int8-mixed", ["body.stage1"], "tflite int8"),
                                            ("tflite", "int8", ["body.stage9"], "no module"),
-                                           ("tflite", "int8", ["BboxHead"], "nothing|no convolution")):
+                                           ("tflite", "int8", ["BboxHead"], "nothing|no convolution"),
+                                           ("tflite", "int8", ["auto", "body.stage1"], "alone")):
         with pytest.raises(ConfigError, match=says):
             convert(target, precision, input_size=160, out=tmp_path / "bad", progress=False, relu_split=names)
         assert not (tmp_path / "bad").exists()

@@ -8,6 +8,7 @@ import torch
 from edge.anchors import priors
 from edge.contract import FACE_DETECTOR_1MB, PYTORCH_RETINAFACE, ModelSpec
 from edge.model import LeakyAsReLUs, RetinaFace, TupleOutputs, integer_graph_form, leaky_as_relus_form, pixel_input_form
+from quant.ptq import relu_split_by_range
 
 
 @pytest.mark.parametrize("hw", [(640, 640), (96, 160), (928, 1600)])
@@ -131,6 +132,42 @@ def test_leaky_as_relus_form_computes_the_same_function():
     assert not any(isinstance(m, LeakyAsReLUs) for n, m in split.named_modules() if not n.startswith("body.stage1."))
     assert not any(isinstance(m, LeakyAsReLUs) for m in model.modules())
     assert all(isinstance(m, torch.nn.LeakyReLU) for m in (model.body.stage1[0][2], model.body.stage1[1][5]))
+
+
+def test_relu_split_by_range_picks_the_layers_with_the_widest_negative_side():
+    """`--relu-split auto`: exactly the LeakyReLU convolutions whose conv -> BN output (measured here at the batch norms)
+    reaches further below zero than 1.5 times above it; the model's outputs and its in-place activations are left as
+    they were. One layer is pushed negative (its batch-norm bias) so that it must be among them."""
+    torch.manual_seed(0)
+    model = RetinaFace(ModelSpec(mesh_vertices=68)).eval()
+    with torch.no_grad():
+        model.body.stage1[2][4].bias.fill_(-3.0)  # stage1.2's pointwise output
+    x = [torch.randn(1, 3, 96, 96) * 50 for _ in range(2)]
+    with torch.no_grad():
+        before = model(x[0])
+    lo, hi = {}, {}
+
+    def observe(name):
+        def hook(_m, _i, out):
+            lo[name] = min(lo.get(name, 0.0), float(out.min()))
+            hi[name] = max(hi.get(name, 0.0), float(out.max()))
+        return hook
+
+    handles = [seq[i + 1].register_forward_hook(observe(f"{n}.{i}")) for n, seq in model.named_modules()
+               if isinstance(seq, torch.nn.Sequential) for i in range(len(seq) - 2)
+               if isinstance(seq[i + 2], torch.nn.LeakyReLU)]
+    with torch.no_grad():
+        for t in x:
+            model(t)
+    for h in handles:
+        h.remove()
+    got = relu_split_by_range(model, x)
+    assert set(got) == {n for n in lo if -lo[n] > 1.5 * hi[n]} and "body.stage1.2.3" in got
+    assert 0 < len(got) < len(lo)
+    with torch.no_grad():
+        after = model(x[0])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.inplace for m in model.modules() if isinstance(m, torch.nn.LeakyReLU))
 
 
 def test_integer_graph_form_computes_the_same_function():

@@ -34,7 +34,7 @@ from edge.widths import shrink_to
 from quant.config import check_module_names
 from quant.distill import student_step
 from quant.equalize import equalize as cle
-from quant.ptq import relu_split_modules
+from quant.ptq import relu_split_by_range, relu_split_modules
 from quant.features import FeatureTaps, feature_widths, student_taps
 from quant.prune import Pruner, stage_config
 from quant.qat import NNCFQATQuantizer, QATQuantizer
@@ -144,6 +144,8 @@ def check_request(args) -> tuple[dict, tuple, tuple, bool]:
             raise ConfigError("--qat-graph full-integer has no float modules: drop --float-modules")
     elif args.relu_split:
         raise ConfigError("--relu-split shapes the full-integer QAT program: give --qat-graph full-integer")
+    if args.relu_split.strip() == "auto" and args.observe_steps:
+        raise ConfigError("--relu-split auto chooses from the calibrated ranges: use it with --observe-steps 0 (the default)")
     if args.qat_ranges == "learnt" and (args.qat_backend != "pt2e" or args.observe_steps):
         raise ConfigError("--qat-ranges learnt is for the pt2e backend, starting from calibrated ranges (--observe-steps 0); "
                           "NNCF's quantisers learn their ranges already")
@@ -256,6 +258,8 @@ def quantisation_aware_training(args, student, info, spec, dataset, step, featur
 
             qmodel, eq_report = cle(student, activations=None if cs is None else cs.tensors(spec))
             qmodel.spec = spec
+        if relu_split == ("auto",):  # as edge-convert --relu-split auto chooses, on the model QAT starts from
+            relu_split = relu_split_by_range(qmodel, cs.tensors(spec))
         q = QATQuantizer(qmodel, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules,
                          full_integer=args.qat_graph == "full-integer", relu_split=relu_split)
         net = q.prepare()
@@ -268,7 +272,7 @@ def quantisation_aware_training(args, student, info, spec, dataset, step, featur
                       warmup=min(args.warmup, args.qat_steps or args.warmup), workers=args.workers, seed=args.seed + 100,
                       save_every=args.save_every, bn="frozen", progress=not args.quiet,
                       extra={"qat_backend": args.qat_backend, "qat_graph": args.qat_graph, "qat_ranges": args.qat_ranges,
-                             "float_modules": list(float_modules), "relu_split": args.relu_split or None,
+                             "float_modules": list(float_modules), "relu_split": list(relu_split) or None,
                              "equalize": bool(args.qat_equalize and args.qat_backend == "pt2e"),
                              "distill_features": list(feature_names), "feature_weight": args.feature_weight if feature_names else None,
                              "band_weight": args.band_weight, "qat_steps": args.qat_steps, "qat_epochs": args.qat_epochs,
