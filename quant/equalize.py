@@ -121,15 +121,7 @@ def _equalize_activations(m: RetinaFace, pairs, activations, depthwise_power: fl
             lows[k] = torch.minimum(lows[k], lo) if k in lows else lo
         return hook
 
-    handles = [a1.register_forward_hook(observe(k)) for k, ((_c1, _b1, a1), _) in enumerate(pairs)]
-    try:
-        with torch.no_grad():
-            m.eval()
-            for x in activations:
-                m(torch.as_tensor(x))
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(m, activations, [a1.register_forward_hook(observe(k)) for k, ((_c1, _b1, a1), _) in enumerate(pairs)])
     spread_before, spread_after = [], []
     for k, ((c1, b1, _a1), (c2, _b2, _a2)) in enumerate(pairs):
         hi, lo = highs[k].clamp_min(1e-12), lows[k]
@@ -145,6 +137,18 @@ def _equalize_activations(m: RetinaFace, pairs, activations, depthwise_power: fl
             c2.weight.div_(s.view(-1, 1, 1, 1) if _is_depthwise(c2) else s.view(1, -1, 1, 1))
     return {"pairs": len(pairs), "spread_before": sum(spread_before) / len(pairs),
             "spread_after": sum(spread_after) / len(pairs)}
+
+
+def run_hooked(model: nn.Module, tensors, handles) -> None:
+    """Run `model` (eval, no grad) on each of `tensors` for the forward hooks it carries; remove `handles` after."""
+    try:
+        with torch.no_grad():
+            model.eval()
+            for x in tensors:
+                model(torch.as_tensor(x))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _live_spread(highs: torch.Tensor) -> float:

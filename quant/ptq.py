@@ -14,6 +14,7 @@ from tqdm import tqdm
 from edge.errors import ConfigError
 from edge.model import LeakyAsReLUs, TupleOutputs, integer_graph_form, leaky_as_relus_form, pixel_input_form
 from quant.config import check_module_names
+from quant.equalize import run_hooked
 
 # litert-torch's configs floor every scale at 2**-12. The first convolution sees raw pixels (mean subtracted,
 # not divided): its weights are ~1e-3, per-channel scales ~1e-5, so that floor left 1 to 20 int8 levels per
@@ -87,13 +88,8 @@ def relu_split_by_range(model, tensors, ratio: float = RELU_SPLIT_RATIO) -> tupl
     try:
         for m in inplace:
             m.inplace = False  # the hook reads the activation's input
-        with torch.no_grad():
-            model.eval()
-            for x in tensors:
-                model(torch.as_tensor(x))
+        run_hooked(model, tensors, handles)
     finally:
-        for h in handles:
-            h.remove()
         for m, v in inplace.items():
             m.inplace = v
     return tuple(n for n in lows if highs[n] > 0 and -lows[n] > ratio * highs[n])

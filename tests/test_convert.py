@@ -312,6 +312,14 @@ def test_tflite_int8_is_full_integer(bundles, tmp_path):
     assert io["outputs"]["conf"]["scale"] == 1 / 256 and io["outputs"]["conf"]["zero_point"] == -128
 
 
+def _program_and_bundle(gm, bundle, spec, shared):
+    """-> (the calibrated PT2E program's outputs, the bundle's TFLite outputs) on the same canvas of group.jpg."""
+    canvas = prepare(load_image(shared / "images" / "group.jpg"), spec).pixel_canvas[None]
+    with torch.no_grad():
+        sim = quantized_program(gm, fold_quantize=False)(torch.from_numpy(canvas.astype(np.float32)))
+    return sim, TFLiteRunner(bundle / "model.tflite", spec.output_names).run_image(canvas)
+
+
 def test_tflite_int8_relu_split_computes_what_its_program_does(tmp_path, shared, rpi_python):
     """--relu-split auto: the LeakyReLU convolutions whose output's negative side is widest on the calibration pictures
     (the first convolution among them) each become two int8 convolutions with fused ReLUs and an int8 SUB (one
@@ -334,10 +342,7 @@ def test_tflite_int8_relu_split_computes_what_its_program_does(tmp_path, shared,
     qm, _ = equalize(model, activations=cs.tensors(model.spec))  # as edge-convert equalises for int8
     qm.spec = model.spec
     gm, _ = pt2e_calibrated(qm, qm.spec, cs, False, full_integer=True, relu_split=tuple(split))
-    canvas = prepare(load_image(shared / "images" / "group.jpg"), qm.spec).pixel_canvas[None]
-    with torch.no_grad():
-        sim = quantized_program(gm, fold_quantize=False)(torch.from_numpy(canvas.astype(np.float32)))
-    got = TFLiteRunner(res.bundle / "model.tflite", qm.spec.output_names).run_image(canvas)
+    sim, got = _program_and_bundle(gm, res.bundle, qm.spec, shared)
     step = q["io"]["outputs"]["loc"]["scale"]
     assert np.median(np.abs(got["loc"] - sim[0].numpy())) <= 2.01 * step
     # TFLite's SUB rounds its rescaling its own way: a few anchors' scores drift further (2 of 2,100 by more than
@@ -399,10 +404,7 @@ def test_tflite_int8_mixed_runs_stage1_in_int16_and_computes_what_its_program_do
     qm.spec = model.spec
     gm, _ = pt2e_calibrated(qm, qm.spec, load_calibration(None, 160, 4, qm.spec.mean, False), False, full_integer=True,
                             int16_modules=mixed_int16_modules(qm))
-    canvas = prepare(load_image(shared / "images" / "group.jpg"), qm.spec).pixel_canvas[None]
-    with torch.no_grad():
-        sim = quantized_program(gm, fold_quantize=False)(torch.from_numpy(canvas.astype(np.float32)))
-    got = TFLiteRunner(res.bundle / "model.tflite", qm.spec.output_names).run_image(canvas)
+    sim, got = _program_and_bundle(gm, res.bundle, qm.spec, shared)
     step = q["io"]["outputs"]["loc"]["scale"]
     assert np.median(np.abs(got["loc"] - sim[0].numpy())) <= 2.01 * step
     assert np.abs(got["conf"] - sim[1].numpy()).max() < 0.1
