@@ -150,7 +150,8 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
                          else (model, None))
     split_rule = None
     if relu_split == ("auto",):  # the layers whose convolution output's negative side is widest, on these pictures
-        relu_split, split_rule = relu_split_by_range(qmodel, cs.tensors(spec)), f"auto (negative side > {RELU_SPLIT_RATIO} x positive)"
+        relu_split = relu_split_by_range(qmodel, cs.tensors(spec))
+        split_rule = f"auto (negative side > {RELU_SPLIT_RATIO} x positive)"
         if progress:
             print(f"  - --relu-split auto: {', '.join(relu_split) or 'no layer'}", file=sys.stderr)
     with atomic_folder(out) as tmp:
@@ -177,7 +178,8 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     return ConvertResult(out, target, precision, size_bytes, time.perf_counter() - t0, meta["parity"], replaced)
 
 
-def check_request(caps, precision: str, input_size: int, calib, float_modules: tuple, out: Path, relu_split: tuple = ()) -> str:
+def check_request(caps, precision: str, input_size: int, calib, float_modules: tuple, out: Path,
+                  relu_split: tuple = ()) -> str:
     """Refuse what cannot be done, before any work. -> what is at `out` ("new", "empty folder", "bundle")."""
     caps.check(precision)
     if input_size <= 0 or input_size % 32:

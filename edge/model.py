@@ -361,8 +361,9 @@ class LeakyAsReLUs(nn.Module):
 
 def leaky_as_relus_form(model: RetinaFace, modules: tuple[str, ...]) -> RetinaFace:
     """A copy of `model` in which every conv -> BN -> LeakyReLU (consecutive in one nn.Sequential) whose convolution
-    is named in `modules` or lies under one (model-relative names: "body.stage1", "body.stage1.1.0") is a `LeakyAsReLUs` (its BN and LeakyReLU become identities): the same
-    function. The original is untouched. Apply it last: other forms (`pixel_input_form`) expect the plain convolutions."""
+    is named in `modules` or lies under one (model-relative names: "body.stage1", "body.stage1.1.0") is a
+    `LeakyAsReLUs` (its BN and LeakyReLU become identities): the same function. The original is untouched. Apply it
+    last: other forms (`pixel_input_form`) expect the plain convolutions."""
     m = copy.deepcopy(model)
     for name, seq in list(m.named_modules()):
         if not isinstance(seq, nn.Sequential):

@@ -34,9 +34,9 @@ from edge.widths import shrink_to
 from quant.config import check_module_names
 from quant.distill import student_step
 from quant.equalize import equalize as cle
-from quant.ptq import relu_split_by_range, relu_split_modules
 from quant.features import FeatureTaps, feature_widths, student_taps
 from quant.prune import Pruner, stage_config
+from quant.ptq import relu_split_by_range, relu_split_modules
 from quant.qat import NNCFQATQuantizer, QATQuantizer
 
 
