@@ -365,13 +365,17 @@ def leaky_as_relus_form(model: RetinaFace, modules: tuple[str, ...]) -> RetinaFa
     `LeakyAsReLUs` (its BN and LeakyReLU become identities): the same function. The original is untouched. Apply it
     last: other forms (`pixel_input_form`) expect the plain convolutions."""
     m = copy.deepcopy(model)
-    for name, seq in list(m.named_modules()):
-        if not isinstance(seq, nn.Sequential):
-            continue
-        for i in range(len(seq) - 2):
-            conv, bn, act = seq[i], seq[i + 1], seq[i + 2]
-            at = f"{name}.{i}"  # the convolution's own name: a module named, or one under it
-            if (any(at == p or at.startswith(p + ".") for p in modules) and isinstance(conv, nn.Conv2d)
-                    and isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.LeakyReLU)):
-                seq[i], seq[i + 1], seq[i + 2] = LeakyAsReLUs(conv, bn, act.negative_slope), nn.Identity(), nn.Identity()
+    for at, seq, i in leaky_convs(m):
+        if any(at == p or at.startswith(p + ".") for p in modules):  # a module named, or one under it
+            split = LeakyAsReLUs(seq[i], seq[i + 1], seq[i + 2].negative_slope)
+            seq[i], seq[i + 1], seq[i + 2] = split, nn.Identity(), nn.Identity()
     return m
+
+
+def leaky_convs(model: nn.Module) -> list[tuple[str, nn.Sequential, int]]:
+    """Every conv -> BN -> LeakyReLU (consecutive in one nn.Sequential), in module order: (the convolution's
+    model-relative name, its nn.Sequential, its index there)."""
+    return [(f"{name}.{i}", seq, i) for name, seq in model.named_modules() if isinstance(seq, nn.Sequential)
+            for i in range(len(seq) - 2)
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d)
+            and isinstance(seq[i + 2], nn.LeakyReLU)]

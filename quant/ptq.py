@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from edge.errors import ConfigError
-from edge.model import LeakyAsReLUs, TupleOutputs, integer_graph_form, leaky_as_relus_form, pixel_input_form
+from edge.model import TupleOutputs, integer_graph_form, leaky_as_relus_form, leaky_convs, pixel_input_form
 from quant.config import check_module_names
 from quant.equalize import run_hooked
 
@@ -50,10 +50,11 @@ def relu_split_modules(model, names) -> tuple[str, ...]:
             raise ConfigError("--relu-split auto chooses the layers itself: give it alone, or names")
         return names
     check_module_names(model, names)
+    convs = [at for at, _, _ in leaky_convs(model)]
     for n in names:
-        if not any(isinstance(mod, LeakyAsReLUs) for mod in leaky_as_relus_form(model, (n,)).modules()):
+        if not any(at == n or at.startswith(n + ".") for at in convs):
             raise ConfigError(f"--relu-split {n}: no convolution -> batch norm -> LeakyReLU under it to split "
-                              "(the backbone's are under body.stage1, body.stage2 and body.stage3)")
+                              "(the backbone's are under body.stage1, body.stage2 and body.stage3; the FPN and SSH have some too)")
     return names
 
 
@@ -71,27 +72,14 @@ def relu_split_by_range(model, tensors, ratio: float = RELU_SPLIT_RATIO) -> tupl
     highs: dict[str, float] = {}
 
     def observe(name):
-        def hook(_mod, inp, _out):
-            x = inp[0].detach()
+        def hook(_mod, _inp, out):
+            x = out.detach()
             lows[name] = min(lows.get(name, 0.0), float(x.min()))
             highs[name] = max(highs.get(name, 0.0), float(x.max()))
         return hook
 
-    handles = []
-    for name, seq in model.named_modules():
-        if isinstance(seq, torch.nn.Sequential):
-            for i in range(len(seq) - 2):
-                if (isinstance(seq[i], torch.nn.Conv2d) and isinstance(seq[i + 1], torch.nn.BatchNorm2d)
-                        and isinstance(seq[i + 2], torch.nn.LeakyReLU)):
-                    handles.append(seq[i + 2].register_forward_hook(observe(f"{name}.{i}")))
-    inplace = {m: m.inplace for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)}
-    try:
-        for m in inplace:
-            m.inplace = False  # the hook reads the activation's input
-        run_hooked(model, tensors, handles)
-    finally:
-        for m, v in inplace.items():
-            m.inplace = v
+    # the batch norm's output is the LeakyReLU's input, read before the (in-place) activation overwrites it
+    run_hooked(model, tensors, [seq[i + 1].register_forward_hook(observe(at)) for at, seq, i in leaky_convs(model)])
     return tuple(n for n in lows if highs[n] > 0 and -lows[n] > ratio * highs[n])
 
 
