@@ -25,7 +25,7 @@ from edge.samples import parity_images
 from edge.weights.load import load_weights
 from quant.config import check_module_names
 from quant.equalize import equalize as cle
-from quant.ptq import RELU_SPLIT_RATIO, relu_split_by_range, relu_split_modules
+from quant.ptq import relu_split_modules, resolve_relu_split
 from quant.qat import load_qat
 
 QAT_TARGETS = ("tflite", "openvino", "onnx", "coreml")  # targets a PT2E QAT checkpoint converts to int8 for
@@ -148,12 +148,9 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     # by activation range too for int8 (int8-mixed measured better without: its stage 1 is int16 already)
     qmodel, eq_report = (equalized(model, spec, cs if precision == "int8" else None) if precision in CALIBRATED and equalize
                          else (model, None))
-    split_rule = None
-    if relu_split == ("auto",):  # the layers whose convolution output's negative side is widest, on these pictures
-        relu_split = relu_split_by_range(qmodel, cs.tensors(spec))
-        split_rule = f"auto (negative side > {RELU_SPLIT_RATIO} x positive)"
-        if progress:
-            print(f"  - --relu-split auto: {', '.join(relu_split) or 'no layer'}", file=sys.stderr)
+    relu_split, split_rule = resolve_relu_split(relu_split, qmodel, cs.tensors(spec) if cs is not None else ())
+    if split_rule and progress:
+        print(f"  - --relu-split auto: {', '.join(relu_split) or 'no layer'}", file=sys.stderr)
     with atomic_folder(out) as tmp:
         # 4. the target's conversion
         opts = ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules, relu_split)

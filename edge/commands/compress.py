@@ -36,7 +36,7 @@ from quant.distill import student_step
 from quant.equalize import equalize as cle
 from quant.features import FeatureTaps, feature_widths, student_taps
 from quant.prune import Pruner, stage_config
-from quant.ptq import relu_split_by_range, relu_split_modules
+from quant.ptq import relu_split_modules, resolve_relu_split
 from quant.qat import NNCFQATQuantizer, QATQuantizer
 
 
@@ -258,8 +258,8 @@ def quantisation_aware_training(args, student, info, spec, dataset, step, featur
 
             qmodel, eq_report = cle(student, activations=None if cs is None else cs.tensors(spec))
             qmodel.spec = spec
-        if relu_split == ("auto",):  # as edge-convert --relu-split auto chooses, on the model QAT starts from
-            relu_split = relu_split_by_range(qmodel, cs.tensors(spec))
+        # as edge-convert --relu-split auto chooses, on the model QAT starts from
+        relu_split, _ = resolve_relu_split(relu_split, qmodel, cs.tensors(spec) if cs is not None else ())
         q = QATQuantizer(qmodel, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules,
                          full_integer=args.qat_graph == "full-integer", relu_split=relu_split)
         net = q.prepare()
@@ -405,7 +405,7 @@ def register(sub) -> None:
     p.add_argument("--relu-split", default="", metavar="NAMES",
                    help="--qat-graph full-integer: comma-separated modules (e.g. body.stage1) whose LeakyReLU convolutions "
                    "the program computes as two convolutions with fused ReLUs (as edge-convert --relu-split; more accurate "
-                   "int8, slower)")
+                   "int8, slower); auto: the layers whose output's negative side is widest on the calibration pictures")
     p.add_argument("--qat-ranges", choices=("frozen", "learnt"), default="frozen",
                    help="pt2e: activation ranges frozen after calibration, or scales trained with the weights (LSQ)")
     p.add_argument("--no-qat-equalize", dest="qat_equalize", action="store_false",
