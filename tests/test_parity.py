@@ -16,7 +16,7 @@ from edge.postprocess import decode_at, decode_detections, rescale
 pytestmark = pytest.mark.convert
 
 KEYS = {"passed", "target", "precision", "reference_device", "images", "recall", "precision_vs_ref", "mean_iou", "min_iou",
-        "score_mae", "landmark_nme", "mesh_nme", "tensors"}
+        "score_mae", "landmark_nme", "mesh_nme", "tensors", "missed_faces", "extra_faces"}
 
 
 @pytest.mark.parametrize("target", ["onnx", "tflite", "openvino"])
@@ -25,6 +25,7 @@ def test_fp32_bundles_pass_with_recall_1(bundles, shared, tmp_path, target):
     rc = cli.main(["parity", str(bundles(target, "fp32")), "--images", str(shared / "images"), "--json", str(out), "--quiet"])
     s = json.loads(out.read_text())
     assert rc == 0 and KEYS <= set(s)
+    assert s["missed_faces"] == s["extra_faces"] == 0 and s["ref_faces"] == s["cand_faces"] > 0
     assert s["passed"] and s["recall"] == 1.0 and s["mean_iou"] > 0.9999 and s["mesh_nme"] < 1e-4  # the default has a mesh
     assert s["images"] == 3 and s["reference_device"] == "cpu" and s["tensors"]["loc"]["max_abs"] < 1e-3
 
@@ -41,10 +42,15 @@ def test_parity_against_another_model(bundles, tmp_path, capsys):
 
 
 def test_report_written(bundles, tmp_path, capsys):
-    rc = cli.main(["parity", str(bundles("tflite", "int8")), "--report", str(tmp_path / "rep"), "--quiet"])
+    rc = cli.main(["parity", str(bundles("tflite", "int8")), "--report", str(tmp_path / "rep"), "--json",
+                   str(tmp_path / "p.json"), "--quiet"])
     assert rc == 0
     rep = tmp_path / "rep"
     md = (rep / "report.md").read_text()
+    s = json.loads((tmp_path / "p.json").read_text())
+    matched = round(s["recall"] * s["ref_faces"])
+    assert (s["missed_faces"], s["extra_faces"]) == (s["ref_faces"] - matched, s["cand_faces"] - matched)
+    assert f"| reference faces missed / candidate faces extra | {s['missed_faces']} / {s['extra_faces']} | |" in md
     assert "PASSED" in md and "| recall |" in md and "errors.png" in md and "worst_faces.png" in md
     pngs = sorted(p.name for p in rep.glob("*.png"))
     assert "errors.png" in pngs and sum(p.startswith("worst_") and p != "worst_faces.png" for p in pngs) == 3

@@ -29,7 +29,7 @@ def cmd_parity(args) -> int:
         return "null" if v is None else f"{v:.4f}"
 
     print(f"parity {args.bundle}: {'PASSED' if s['passed'] else 'FAILED'}  [{s['target']} {s['precision']}; reference {s['reference_device']}; "
-          f"{s['images']} images, {s['ref_faces']} reference faces]")
+          f"{s['images']} images, {s['ref_faces']} reference faces; {s['missed_faces']} missed, {s['extra_faces']} extra]")
     print(f"  recall {f(s['recall'])}  precision {f(s['precision_vs_ref'])}  mean IoU {f(s['mean_iou'])}  min IoU {f(s['min_iou'])}  "
           f"score MAE {f(s['score_mae'])}  landmark NME {f(s['landmark_nme'])}  mesh NME {f(s['mesh_nme'])}")
     print(f"  worst faces{' (anchor for anchor)' if s.get('errors_by_anchor') else ''}: landmark NME p99 {f(s.get('landmark_nme_p99'))} "

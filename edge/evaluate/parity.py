@@ -136,6 +136,9 @@ class ParityReport:
         return {
             "target": self.target, "precision": self.precision, "reference_device": self.reference_device,
             "candidate": self.candidate, "images": len(self.images), "ref_faces": ref_faces, "cand_faces": cand_faces,
+            # the faces on which the two disagree, each side: a shift of the candidate's scores trades one for the
+            # other (recall up, precision down), their sum does not move with it
+            "missed_faces": ref_faces - matched, "extra_faces": cand_faces - matched,
             "recall": matched / ref_faces if ref_faces else 1.0,
             "precision_vs_ref": matched / cand_faces if cand_faces else 1.0,
             "mean_iou": float(ious.mean()) if ious.size else None,
@@ -290,6 +293,7 @@ def write_report(rep: ParityReport, summary: dict, gates: dict, failed: list[str
         "| measure | value | gate |",
         "| --- | --- | --- |",
         f"| reference faces / candidate faces | {summary['ref_faces']} / {summary['cand_faces']} | |",
+        f"| reference faces missed / candidate faces extra | {summary['missed_faces']} / {summary['extra_faces']} | |",
         f"| recall | {fmt(summary['recall'])} | >= {gates.get('recall_min')} |",
         f"| precision vs reference | {fmt(summary['precision_vs_ref'])} | >= {gates.get('precision_min')} |",
         f"| mean IoU | {fmt(summary['mean_iou'])} | >= {gates.get('mean_iou_min')} |",
