@@ -90,6 +90,7 @@ def test_rpi_suite_passes_and_can_fail(rpi_python, bundles, tmp_path):
     r = _run_suite(rpi_python, tmp_path, src)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "runtime: tflite-runtime" in r.stdout and '"passed": true' in r.stdout
+    assert '"missed_faces": ' in r.stdout and '"extra_faces": ' in r.stdout  # as edge parity counts them
 
     tampered = tmp_path / "tampered"
     shutil.copytree(src, tampered)

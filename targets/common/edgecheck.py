@@ -264,7 +264,7 @@ def run_check(folder, runner) -> dict:
                 mesh_nme.append(float(np.linalg.norm(rm[:, :2] - mesh[c][:, :2], axis=-1).mean() / norm))
     s = {
         "target": meta["target"], "precision": meta["precision"], "images": int(len(g["canvases"])),
-        "ref_faces": ref_n, "cand_faces": cand_n,
+        "ref_faces": ref_n, "cand_faces": cand_n, "missed_faces": ref_n - len(ious), "extra_faces": cand_n - len(ious),
         "recall": len(ious) / ref_n if ref_n else 1.0, "precision_vs_ref": len(ious) / cand_n if cand_n else 1.0,
         "mean_iou": float(np.mean(ious)) if ious else None, "min_iou": float(np.min(ious)) if ious else None,
         "score_mae": float(np.mean(serr)) if serr else None, "landmark_nme": float(np.mean(nme)) if nme else None,
