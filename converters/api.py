@@ -148,7 +148,7 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     # by activation range too for int8 (int8-mixed measured better without: its stage 1 is int16 already)
     qmodel, eq_report = (equalized(model, spec, cs if precision == "int8" else None) if precision in CALIBRATED and equalize
                          else (model, None))
-    relu_split, split_rule = resolve_relu_split(relu_split, qmodel, cs.tensors(spec) if cs is not None else ())
+    relu_split, split_rule = resolve_relu_split(relu_split, qmodel, cs, spec)
     if split_rule and progress:
         print(f"  - --relu-split auto: {', '.join(relu_split) or 'no layer'}", file=sys.stderr)
     with atomic_folder(out) as tmp:

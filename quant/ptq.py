@@ -83,13 +83,13 @@ def relu_split_by_range(model, tensors, ratio: float = RELU_SPLIT_RATIO) -> tupl
     return tuple(n for n in lows if highs[n] > 0 and -lows[n] > ratio * highs[n])
 
 
-def resolve_relu_split(names: tuple[str, ...], model, tensors) -> tuple[tuple[str, ...], str | None]:
+def resolve_relu_split(names: tuple[str, ...], model, calib, spec) -> tuple[tuple[str, ...], str | None]:
     """A checked --relu-split request (`relu_split_modules`) made concrete on the model to be quantised: ("auto",)
-    becomes `relu_split_by_range`'s choice over `tensors` (NCHW calibration batches), with the rule that chose it;
-    names stay as they are (rule None)."""
+    becomes `relu_split_by_range`'s choice over the calibration set `calib` (read only then), with the rule that
+    chose it; names stay as they are (rule None)."""
     if names != ("auto",):
         return names, None
-    return relu_split_by_range(model, tensors), f"auto (negative side > {RELU_SPLIT_RATIO} x positive)"
+    return relu_split_by_range(model, calib.tensors(spec)), f"auto (negative side > {RELU_SPLIT_RATIO} x positive)"
 
 
 def module_path(node) -> list[str]:

@@ -259,7 +259,7 @@ def quantisation_aware_training(args, student, info, spec, dataset, step, featur
             qmodel, eq_report = cle(student, activations=None if cs is None else cs.tensors(spec))
             qmodel.spec = spec
         # as edge-convert --relu-split auto chooses, on the model QAT starts from
-        relu_split, _ = resolve_relu_split(relu_split, qmodel, cs.tensors(spec) if cs is not None else ())
+        relu_split, _ = resolve_relu_split(relu_split, qmodel, cs, spec)
         q = QATQuantizer(qmodel, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules,
                          full_integer=args.qat_graph == "full-integer", relu_split=relu_split)
         net = q.prepare()
