@@ -9,7 +9,7 @@ import numpy as np
 from edge.anchors import priors
 from edge.contract import ModelSpec
 from edge.image_io import check_image_array, load_image
-from edge.postprocess import Detections, decode_at, decode_detections, rescale
+from edge.postprocess import Detections, decode_at, decode_detections, image_outputs, rescale
 from edge.preprocess import Prepared, prepare
 from edge.runners import Outputs, Runner
 
@@ -55,7 +55,7 @@ class Pipeline:
         return prep
 
     def postprocess(self, outputs: Outputs, prep: Prepared, batch_index: int = 0) -> Detections:
-        one = {k: v[batch_index] for k, v in outputs.items()}
+        one = image_outputs(outputs, batch_index)
         det = decode_detections(
             one,
             self.priors_for(prep.input_hw),
@@ -71,7 +71,7 @@ class Pipeline:
 
     def faces_at(self, outputs: Outputs, prep: Prepared, anchors: np.ndarray, batch_index: int = 0) -> Detections:
         """The faces these outputs give at the given anchors (no threshold, no NMS), in original pixels."""
-        one = {k: v[batch_index] for k, v in outputs.items()}
+        one = image_outputs(outputs, batch_index)
         det = decode_at(one, self.priors_for(prep.input_hw), anchors, prep.input_hw, variances=self.spec.variances,
                         mesh_decoder=self.mesh_decoder)
         return rescale(det, prep.scale, prep.pad, prep.image_hw)

@@ -5,6 +5,7 @@ Box convention: (x1, y1, x2, y2) in pixels, continuous coordinates, area = (x2 -
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,68 @@ class Detections:
         )
 
 
+class QuantizedOutputs(Mapping):
+    """A runner's raw outputs as the model wrote them, integer ones with their (scale, zero point), read as float32
+    on demand: `outputs[name]` dequantises that output whole, once (cached); `take(name, index)` dequantises only the
+    elements indexed. Decoding reads the face scores whole and every other output at the anchors over the score
+    threshold only (tens of 16,800): an int8 model's outputs are then never dequantised whole on the way to its faces.
+
+    raw: name -> (B, A, C) or (A, C) array, int8 / uint8 where `quantization` has the name, float32 otherwise.
+    quantization: name -> (scale, zero point); real value = (q - zero point) * scale."""
+
+    def __init__(self, raw: dict[str, np.ndarray], quantization: dict[str, tuple[float, int]]):
+        self.raw, self.quantization = raw, quantization
+        self._float: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._float:
+            self._float[name] = self._dequantize(name, self.raw[name])
+        return self._float[name]
+
+    def __contains__(self, name) -> bool:  # Mapping's own would read (and dequantise) the output
+        return name in self.raw
+
+    def __iter__(self):
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def _dequantize(self, name: str, v: np.ndarray) -> np.ndarray:
+        if name not in self.quantization:
+            return v.astype(np.float32, copy=False)
+        scale, zp = self.quantization[name]
+        return ((v.astype(np.float32) - zp) * scale).astype(np.float32, copy=False)
+
+    @property
+    def dequantized(self) -> tuple[str, ...]:
+        """The outputs read (and dequantised) whole so far."""
+        return tuple(self._float)
+
+    def take(self, name: str, index) -> np.ndarray:
+        """outputs[name][index] as float32, dequantising only what `index` selects (unless it is cached whole)."""
+        if name in self._float:
+            return self._float[name][index]
+        return self._dequantize(name, self.raw[name][index])
+
+    def batch(self, i: int) -> QuantizedOutputs:
+        """The outputs of the i-th image of the batch, still quantised."""
+        return QuantizedOutputs({k: v[i] for k, v in self.raw.items()}, self.quantization)
+
+
+def image_outputs(outputs: Mapping[str, np.ndarray], i: int) -> Mapping[str, np.ndarray]:
+    """The outputs of the i-th image of a batch (each (A, C)); quantised outputs stay quantised."""
+    if isinstance(outputs, QuantizedOutputs):
+        return outputs.batch(i)
+    return {k: v[i] for k, v in outputs.items()}
+
+
+def _take(outputs: Mapping[str, np.ndarray], name: str, index) -> np.ndarray:
+    if isinstance(outputs, QuantizedOutputs):
+        return outputs.take(name, index)
+    return outputs[name][index]
+
+
 def box_area(b: np.ndarray) -> np.ndarray:
     return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
 
@@ -101,7 +164,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_keep: i
     return np.asarray(keep, dtype=np.int64)
 
 
-def final_stage(outputs: dict[str, np.ndarray], pri: np.ndarray, variances) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def final_stage(outputs: Mapping[str, np.ndarray], pri: np.ndarray, variances) -> tuple[Mapping[str, np.ndarray], np.ndarray]:
     """(outputs, priors) of the stage faces are decoded from: a cascade's second stage is encoded against the
     first stage's boxes, which become its priors."""
     if "loc2" not in outputs:
@@ -113,7 +176,7 @@ def final_stage(outputs: dict[str, np.ndarray], pri: np.ndarray, variances) -> t
 
 
 def decode_detections(
-    outputs: dict[str, np.ndarray],
+    outputs: Mapping[str, np.ndarray],
     pri: np.ndarray,
     input_hw: tuple[int, int],
     *,
@@ -131,15 +194,15 @@ def decode_detections(
     """
     h, w = input_hw
     outputs, pri = final_stage(outputs, pri, variances)
-    scores = outputs["conf"][:, 1].astype(np.float32)
+    scores = _take(outputs, "conf", (slice(None), 1)).astype(np.float32)
     idx = np.nonzero(scores > score_threshold)[0]
     idx = idx[np.argsort(-scores[idx], kind="stable")][:top_k]
-    boxes = decode_boxes(outputs["loc"][idx], pri[idx], variances) * np.array([w, h, w, h], np.float32)
+    boxes = decode_boxes(_take(outputs, "loc", idx), pri[idx], variances) * np.array([w, h, w, h], np.float32)
     keep = nms(boxes.astype(np.float32), scores[idx], nms_threshold, max_keep=keep_top_k)
     return decode_at(outputs, pri, idx[keep], input_hw, variances=variances, mesh_decoder=mesh_decoder)
 
 
-def decode_at(outputs: dict[str, np.ndarray], pri: np.ndarray, idx: np.ndarray, input_hw: tuple[int, int], *,
+def decode_at(outputs: Mapping[str, np.ndarray], pri: np.ndarray, idx: np.ndarray, input_hw: tuple[int, int], *,
               variances=(0.1, 0.2), mesh_decoder: tuple[np.ndarray, np.ndarray] | None = None) -> Detections:
     """The faces that raw outputs of one image (each (A, C)) give at the anchors `idx`, in that order, in input
     pixels: no threshold, no NMS. (The parity harness decodes the reference at the candidate's anchors with it.)"""
@@ -147,11 +210,11 @@ def decode_at(outputs: dict[str, np.ndarray], pri: np.ndarray, idx: np.ndarray, 
     outputs, pri = final_stage(outputs, pri, variances)
     idx = np.asarray(idx, np.int64)
     p = pri[idx]
-    boxes = decode_boxes(outputs["loc"][idx], p, variances) * np.array([w, h, w, h], np.float32)
-    lms = decode_points(outputs["landmarks"][idx], p, variances) * np.array([w, h], np.float32)
-    det = Detections(boxes.astype(np.float32), outputs["conf"][idx, 1].astype(np.float32), lms.astype(np.float32), anchors=idx)
+    boxes = decode_boxes(_take(outputs, "loc", idx), p, variances) * np.array([w, h, w, h], np.float32)
+    lms = decode_points(_take(outputs, "landmarks", idx), p, variances) * np.array([w, h], np.float32)
+    det = Detections(boxes.astype(np.float32), _take(outputs, "conf", (idx, 1)).astype(np.float32), lms.astype(np.float32), anchors=idx)
     if "mesh" in outputs:
-        raw = outputs["mesh"][idx].astype(np.float32)
+        raw = _take(outputs, "mesh", idx).astype(np.float32)
         if mesh_decoder is not None:  # low-rank head: (mean (3V,), basis (K, 3V)) decode the per-anchor code
             raw = mesh_decoder[0] + raw @ mesh_decoder[1]
         elif raw.shape[-1] % 3:

@@ -294,10 +294,10 @@ def _flatbuffer_float_compute_ops(path):
     return found, count
 
 
-def test_tflite_int8_is_full_integer(bundles, tmp_path):
+def test_tflite_int8_is_full_integer(bundles, group_image):
     """Every op of the int8 graph is integer (read from the flatbuffer); the input is the uint8 canvas (scale 1,
     zero point 0) and the outputs int8 with their scales in the metadata; the check catches the float ops of the
-    fp32 graph."""
+    fp32 graph. The runner hands the outputs over as the model wrote them, and decoding reads the int8 rows it keeps."""
     b = bundles("tflite", "int8")
     found, count = _flatbuffer_float_compute_ops(b / "model.tflite")
     assert count > 100 and found == []
@@ -310,6 +310,16 @@ def test_tflite_int8_is_full_integer(bundles, tmp_path):
                            "format": "bgr_pixels_nhwc"}
     assert set(io["outputs"]) == {"loc", "conf", "landmarks", "mesh"} and all(o["dtype"] == "int8" for o in io["outputs"].values())
     assert io["outputs"]["conf"]["scale"] == 1 / 256 and io["outputs"]["conf"]["zero_point"] == -128
+    runner, spec, _ = load_bundle_runner(b)
+    pipe = Pipeline(runner, spec)
+    prep, out = pipe.run_raw(group_image)
+    assert {k: (v.dtype, out.quantization[k]) for k, v in out.raw.items()} == {
+        k: (np.dtype(np.int8), (o["scale"], o["zero_point"])) for k, o in io["outputs"].items()}
+    faces = pipe.postprocess(out, prep)
+    assert len(faces) > 20 and out.dequantized == ()
+    whole = pipe.postprocess(dict(out), prep)  # every output dequantised whole first: the same faces
+    for f in ("boxes", "scores", "landmarks", "mesh", "anchors"):
+        np.testing.assert_array_equal(getattr(faces, f), getattr(whole, f), err_msg=f)
 
 
 def _program_and_bundle(gm, bundle, spec, shared):

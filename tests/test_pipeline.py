@@ -5,7 +5,7 @@ from edge.anchors import decode_boxes, decode_points, encode_boxes, encode_point
 from edge.contract import FACE_DETECTOR_1MB, PYTORCH_RETINAFACE, ModelSpec
 from edge.model import RetinaFace
 from edge.pipeline import Pipeline, PostConfig
-from edge.postprocess import Detections, box_iou, decode_detections, nms, rescale
+from edge.postprocess import Detections, QuantizedOutputs, box_iou, decode_detections, nms, rescale
 from edge.preprocess import prepare, resize_bilinear, resize_numpy
 from edge.runners import TorchRunner
 from edge.weights.load import read_state_dict
@@ -150,3 +150,32 @@ def test_image_without_faces_gives_empty_detections(default_model):
     for size in (640, None):
         det = Pipeline(TorchRunner(model), model.spec.with_input_size(size))(np.full((200, 300, 3), 127, np.uint8))
         assert len(det) == 0 and det.boxes.shape == (0, 4) and det.landmarks.shape == (0, 5, 2)
+
+
+def test_quantized_outputs_decode_as_dequantised_whole(default_model, group_image):
+    """Decoding int8 outputs dequantises only the rows it reads, and gives exactly the faces the whole dequantised
+    outputs give; nothing but the face scores is read whole on the way."""
+    model, _ = default_model
+    pipe = Pipeline(TorchRunner(model), model.spec, PostConfig(score_threshold=0.3))
+    prep = pipe.preprocess(group_image)
+    out = pipe.runner(prep.tensor)
+    raw, quantization = {}, {}
+    for k, v in out.items():  # int8 as a full-integer model writes them; conf as a softmax: scale 1/256, zero point -128
+        scale, zp = (1 / 256, -128) if k == "conf" else (float(np.abs(v).max()) / 127, 0)
+        raw[k] = np.clip(np.round(v / scale) + zp, -128, 127).astype(np.int8)
+        quantization[k] = (scale, zp)
+    lazy = QuantizedOutputs(raw, quantization)
+    whole = {k: (raw[k].astype(np.float32) - zp) * scale for k, (scale, zp) in quantization.items()}
+    a, b = pipe.postprocess(lazy, prep), pipe.postprocess(whole, prep)
+    assert len(a) > 50
+    for f in ("boxes", "scores", "landmarks", "mesh", "anchors"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+    one = lazy.batch(0)  # one image's outputs, still quantised: what decoding reads
+    assert "mesh" in one and "loc2" not in one and one.raw["mesh"].dtype == np.int8
+    faces = decode_detections(one, pipe.priors_for(prep.input_hw), prep.input_hw, score_threshold=0.3,
+                              mesh_decoder=pipe.mesh_decoder)
+    assert len(faces) == len(a) and one.dequantized == ()  # scores read as one column, the rest at the kept anchors
+    np.testing.assert_array_equal(one.take("landmarks", np.array([3, 1])), whole["landmarks"][0, [3, 1]])
+    np.testing.assert_array_equal(lazy["loc"], whole["loc"])  # read whole on demand (parity does), then cached
+    assert lazy.dequantized == ("loc",) and lazy["loc"] is lazy["loc"]
+    assert sorted(lazy) == sorted(out) and dict(lazy).keys() == out.keys()

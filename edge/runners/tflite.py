@@ -7,6 +7,7 @@ import numpy as np
 
 from edge.contract import ModelSpec
 from edge.errors import BundleError
+from edge.postprocess import QuantizedOutputs
 from edge.quiet import native_output_quiet
 
 
@@ -75,6 +76,9 @@ class TFLiteRunner:
         if len(self.outs) != len(output_names):
             raise BundleError(f"{Path(path).name}: {len(self.outs)} outputs, the contract names {len(output_names)}")
         self.output_names = list(output_names)
+        # integer outputs: name -> (scale, zero point), read where they are dequantised
+        self.output_quantization = {name: (float(o["quantization"][0]), int(o["quantization"][1]))
+                                    for name, o in zip(self.output_names, self.outs) if o["dtype"] != np.float32}
         self.runtime = runtime
         self.name = f"{name} ({runtime})"
         shape = self.inp["shape"]
@@ -88,30 +92,26 @@ class TFLiteRunner:
         if not self.canvas_input:
             self.run_image = None  # the pipeline then hands over the normalised tensor
 
-    def run_image(self, canvas: np.ndarray) -> dict[str, np.ndarray]:
+    def run_image(self, canvas: np.ndarray) -> QuantizedOutputs:
         if canvas.ndim != 4 or canvas.shape[-1] != 3 or canvas.dtype != np.uint8:
             raise ValueError(f"run_image takes a (1, H, W, 3) uint8 BGR canvas, got {canvas.dtype} {canvas.shape}")
         if self.inp["dtype"] == np.int8:
             canvas = (canvas ^ np.uint8(0x80)).view(np.int8)  # pixel - 128, exactly
         return self._run(np.ascontiguousarray(canvas))
 
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, x: np.ndarray) -> QuantizedOutputs:
         if self.canvas_input:
             pixels = np.rint(x[0].transpose(1, 2, 0) * self.std + self.mean)
             return self.run_image(np.clip(pixels, 0, 255).astype(np.uint8)[None])
         return self._run(quantize_input(x, self.inp))
 
-    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, x: np.ndarray) -> QuantizedOutputs:
+        """-> the outputs as the model wrote them; integer ones are dequantised where they are read (whole, or at
+        the anchors decoding keeps: `edge.postprocess.QuantizedOutputs`)."""
         self.interp.set_tensor(self.inp["index"], x)
         self.interp.invoke()
-        res = {}
-        for name, o in zip(self.output_names, self.outs):
-            v = self.interp.get_tensor(o["index"])
-            if o["dtype"] != np.float32:
-                scale, zp = o["quantization"]
-                v = (v.astype(np.float32) - zp) * scale
-            res[name] = v.astype(np.float32, copy=False)
-        return res
+        raw = {name: self.interp.get_tensor(o["index"]) for name, o in zip(self.output_names, self.outs)}
+        return QuantizedOutputs(raw, self.output_quantization)
 
 
 def load_runner(bundle_dir: Path, meta: dict, threads: int | None = None):
