@@ -64,7 +64,8 @@ def test_device_bench_scripts_run_here_and_merge(bundles, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     assert cli.main(["bench", "--merge", str(rpi), "--merge", str(jet), "--report", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "bench.md").read_text()
-    assert "tflite int8 [" in md and "onnx fp32 [onnxruntime (CPUExecutionProvider)" in md
+    assert "tflite int8 [ai-edge-litert; XNNPACK partitions: 1, " in md  # the full-integer graph: one partition
+    assert "onnx fp32 [onnxruntime (CPUExecutionProvider)" in md
 
 
 def test_yunet_peer_detects_the_portrait(shared):

@@ -25,7 +25,7 @@ def bench_rows(bundle, run, name: str, threads: int, warmup: int = 5, runs: int 
         t1 = time.perf_counter()
         out = run(x)
         t2 = time.perf_counter()
-        edgecheck.detect({k: v[0] for k, v in out.items()}, pri, (size, size), spec["variances"], mesh_decoder=decoder)
+        edgecheck.detect(edgecheck.first_image(out), pri, (size, size), spec["variances"], mesh_decoder=decoder)
         t3 = time.perf_counter()
         if i >= warmup:
             for k, v in (("pre", t1 - t0), ("infer", t2 - t1), ("post", t3 - t2), ("e2e", t3 - t0)):

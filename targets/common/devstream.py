@@ -99,7 +99,7 @@ def run_stream(bundle, source: str, make_runner, runtime: str, jsonl=None, max_f
             t1 = time.perf_counter()
             res = run(x)
             infer_ms.append((time.perf_counter() - t1) * 1e3)
-            outs = {k: np.asarray(v, np.float32)[0] for k, v in res.items()}
+            outs = edgecheck.first_image(res)
             boxes, scores, lms, _ = edgecheck.detect(outs, pri, (size, size), spec["variances"], score, mesh_decoder=decoder)
             faces = [{"box": [round(float(v) / scale, 2) for v in b], "score": round(float(s), 5),
                       "landmarks": [[round(float(px) / scale, 2), round(float(py) / scale, 2)] for px, py in lm]}

@@ -156,12 +156,40 @@ def nms(boxes, scores, thr, max_keep):
     return np.asarray(keep, dtype=np.int64)
 
 
+class QuantizedOutput:
+    """One integer output as the model wrote it (int8 / uint8), read as float32 = (q - zero_point) * scale where it
+    is read: an integer index (the batch's image) gives that image's output, still integer; any other index
+    dequantises only the elements it selects (decoding reads the face scores and the kept anchors' rows, not
+    16,800 x 48 values a frame); np.asarray(output) dequantises it whole. shape and ndim are the array's."""
+
+    def __init__(self, q, scale: float, zero_point: int):
+        self.q, self.scale, self.zero_point = q, float(scale), int(zero_point)
+        self.shape, self.ndim = q.shape, q.ndim
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return QuantizedOutput(self.q[index], self.scale, self.zero_point)
+        return self._dequantize(self.q[index])
+
+    def __array__(self, dtype=None, copy=None):
+        v = self._dequantize(self.q)
+        return v if dtype is None else v.astype(dtype, copy=False)
+
+    def _dequantize(self, v):
+        return ((v.astype(np.float32) - self.zero_point) * self.scale).astype(np.float32, copy=False)
+
+
+def first_image(outputs: dict) -> dict:
+    """The first image of each (1, A, C) output, float32; integer outputs stay integer (`QuantizedOutput`)."""
+    return {k: v[0] if isinstance(v, QuantizedOutput) else np.asarray(v, np.float32)[0] for k, v in outputs.items()}
+
+
 def detect(outputs, pri, hw, variances, score_thr=0.5, nms_thr=0.4, top_k=5000, keep_top_k=750, mesh_decoder=None):
     """Raw outputs of one image (A, C) -> boxes (N, 4), scores (N,), landmarks (N, 5, 2) in input pixels,
     and the mesh (N, V, 3) of the kept faces when the model has one (else None); a low-rank mesh head's
     per-anchor code is decoded by mesh_decoder = (mean (3V,), basis (K, 3V))."""
     h, w = hw
-    scores = outputs["conf"][:, 1].astype(np.float32)
+    scores = np.asarray(outputs["conf"][:, 1], np.float32)
     idx = np.nonzero(scores > score_thr)[0]
     idx = idx[np.argsort(-scores[idx], kind="stable")][:top_k]
     p = pri[idx]
@@ -243,7 +271,7 @@ def run_check(folder, runner) -> dict:
     canvas_input = takes_canvas(meta)
     for i, canvas in enumerate(g["canvases"]):
         x = network_input(canvas, spec, canvas_input)
-        out = {k: np.asarray(v, np.float32)[0] for k, v in runner(x).items()}
+        out = {k: np.asarray(v, np.float32) for k, v in first_image(runner(x)).items()}  # parity reads them whole
         for name in spec["output_names"]:
             d = float(np.abs(out[name][g["anchor_idx"][i]] - g[f"ref_{name}"][i]).max())
             worst_abs[name] = max(worst_abs.get(name, 0.0), d)

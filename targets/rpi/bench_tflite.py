@@ -30,6 +30,9 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"{r['name']} threads {t}: infer {r['ms']['infer']['median']:.1f} ms (p90 {r['ms']['infer']['p90']:.1f}), "
               f"end-to-end {r['ms']['e2e']['median']:.1f} ms")
+        if runtime.endswith("XNNPACK partitions: 0"):
+            print(f"  note: XNNPACK took no op of this graph: it ran in {runtime.split(';')[0]}'s builtin kernels; ai-edge-litert "
+                  "runs a full-integer bundle as one XNNPACK partition (pip install ai-edge-litert; numpy 2)")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0
