@@ -186,9 +186,8 @@ def float_compute_ops(ops: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def io_quantization(path: Path, output_names) -> dict:
+def io_quantization(r: TFLiteRunner) -> dict:
     """The graph's input and outputs as device code reads them: layout, dtype, scale and zero point."""
-    r = TFLiteRunner(path, output_names)
     inp = r.inp
     shape = [int(v) for v in inp["shape"]]
     res = {"input": {"shape": shape, "dtype": np.dtype(inp["dtype"]).name,
@@ -370,7 +369,10 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
             tmp.unlink()
     set_metadata(out, meta_min)
     quant.update(op_summary(out))
-    quant["io"] = io_quantization(out, spec.output_names)
+    runner = TFLiteRunner(out, spec.output_names)
+    quant["io"] = io_quantization(runner)
+    # how the runtime here runs it: the full-integer int8 graph is one XNNPACK partition on ai-edge-litert
+    quant["xnnpack"] = {"runtime": runner.runtime, "partitions": runner.xnnpack_partitions}
     quant["float_compute_ops"] = float_compute_ops(quant["ops"])
     quant["full_integer"] = opts.precision in CALIBRATED and not quant["float_compute_ops"]
     if opts.precision in CALIBRATED and (opts.qat is None or getattr(opts.qat, "full_integer", False)) and quant["float_compute_ops"]:

@@ -276,6 +276,7 @@ def test_qat_full_integer_program_converts_to_the_full_integer_graph(shared, tmp
     bundle = tmp_path / "tfl"
     q = read_metadata(bundle)[1]["quantization"]
     assert q["full_integer"] is True and q["float_compute_ops"] == {} and q["qat"]["graph"] == "full-integer"
+    assert q["xnnpack"]["partitions"] == 1  # the trained program converts to the one-partition graph too
     assert q["ops"]["QUANTIZE:uint8->int8"] == 1 and q["ops"]["CONV_2D:int8->int8"] == 52 and q["qat"]["steps"] == 2
     assert q["ops"]["SUB:int8->int8"] == 11 and q["relu_split"] == ["body.stage1"] == q["qat"]["relu_split"]
     with pytest.raises(ConfigError, match="full-integer"):

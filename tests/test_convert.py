@@ -305,6 +305,8 @@ def test_tflite_int8_is_full_integer(bundles, group_image):
     assert "CONV_2D" in fp32_found  # the check sees float ops where there are some
     q = read_metadata(b)[1]["quantization"]
     assert q["cross_layer_equalization"]["activations"]["pairs"] > 20  # by weight, then by activation range
+    assert q["xnnpack"] == {"runtime": "ai-edge-litert", "partitions": 1}  # the whole graph in one XNNPACK partition
+    assert read_metadata(bundles("tflite", "fp32"))[1]["quantization"]["xnnpack"]["partitions"] > 1  # the count sees splits
     io = q["io"]
     assert io["input"] == {"shape": [1, 640, 640, 3], "dtype": "uint8", "layout": "NHWC", "scale": 1.0, "zero_point": 0,
                            "format": "bgr_pixels_nhwc"}
@@ -345,6 +347,7 @@ def test_tflite_int8_relu_split_computes_what_its_program_does(tmp_path, shared,
     assert ops["SUB:int8->int8"] == len(split) and ops["LEAKY_RELU:int8->int8"] == 38 - len(split)
     assert ops["CONV_2D:int8->int8"] + ops["DEPTHWISE_CONV_2D:int8->int8"] == 46 + 13 + len(split)
     assert _flatbuffer_float_compute_ops(res.bundle / "model.tflite")[0] == []
+    assert q["xnnpack"]["partitions"] == 1  # the split stays in one XNNPACK partition
 
     model, _ = load_weights("default")
     model.spec = model.spec.with_input_size(160)
