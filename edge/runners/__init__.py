@@ -1,14 +1,16 @@
 """Runners: callables taking the (B, 3, H, W) float32 input and returning the named raw outputs
-as numpy arrays. Any runtime is just another runner; the pipeline does not care which."""
+as numpy arrays (a mapping: a TFLite int8 model's come as written, `edge.postprocess.QuantizedOutputs`,
+float32 wherever read). Any runtime is just another runner; the pipeline does not care which."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Protocol
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-Outputs = dict[str, np.ndarray]
+Outputs = Mapping[str, np.ndarray]
 
 
 class Runner(Protocol):
