@@ -1,4 +1,5 @@
-"""The TFLite runner: ai-edge-litert, tflite-runtime or tensorflow.lite, with int8/uint8 inputs and outputs quantised and dequantised by the tensors' own parameters."""
+"""The TFLite runner: ai-edge-litert, tflite-runtime or tensorflow.lite; int8/uint8 inputs quantised by the tensors'
+own parameters, integer outputs handed over with them and dequantised where they are read."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,10 +66,11 @@ def delegate_partitions(interp) -> int | None:
 
 
 class TFLiteRunner:
-    """Runs a .tflite. `__call__` takes the (1, 3, H, W) float32 normalised tensor; quantised inputs and outputs are
-    (de)quantised here. A full-integer bundle's model takes the (1, H, W, 3) BGR canvas itself (`canvas_input`):
-    `run_image` hands it the uint8 canvas (as int8, pixel - 128: exact), and `__call__` turns the tensor back
-    into pixels (x * std + mean, rounded: exact for a canvas, the nearest integer pixel for a resized image)."""
+    """Runs a .tflite. `__call__` takes the (1, 3, H, W) float32 normalised tensor; a quantised input is quantised
+    here; the outputs come as `QuantizedOutputs` (integer ones as written, float32 wherever read). A full-integer
+    bundle's model takes the (1, H, W, 3) BGR canvas itself (`canvas_input`): `run_image` hands it the uint8 canvas
+    (as int8, pixel - 128: exact), and `__call__` turns the tensor back into pixels (x * std + mean, rounded: exact
+    for a canvas, the nearest integer pixel for a resized image)."""
 
     def __init__(self, path: str | Path, output_names, threads: int | None = None, name: str = "tflite", mean=None, std=None):
         cls, runtime = interpreter_class()
