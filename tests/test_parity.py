@@ -51,6 +51,10 @@ def test_report_written(bundles, tmp_path, capsys):
     matched = round(s["recall"] * s["ref_faces"])
     assert (s["missed_faces"], s["extra_faces"]) == (s["ref_faces"] - matched, s["cand_faces"] - matched)
     assert f"| reference faces missed / candidate faces extra | {s['missed_faces']} / {s['extra_faces']} | |" in md
+    # the mean IoU split by anchor: the two parts weigh back to the whole; the report gives both
+    n_sw, same, sw = s["anchor_switches"], s["mean_iou_same_anchor"], s["mean_iou_switched"]
+    assert 0 < n_sw < matched and abs(((matched - n_sw) * same + n_sw * sw) / matched - s["mean_iou"]) < 1e-9
+    assert f"reference's anchor {same:.4f}, of the switched ones {sw:.4f}" in md
     assert "PASSED" in md and "| recall |" in md and "errors.png" in md and "worst_faces.png" in md
     pngs = sorted(p.name for p in rep.glob("*.png"))
     assert "errors.png" in pngs and sum(p.startswith("worst_") and p != "worst_faces.png" for p in pngs) == 3
@@ -93,6 +97,7 @@ def test_anchor_switch_is_counted_and_errors_are_measured_anchor_for_anchor():
     assert a["mesh_nme"][0] > 0.1 and a["mesh_nme_at_anchor"][0] < 1e-5 and a["landmark_nme_at_anchor"][0] < 1e-5
     s = ParityReport("t", "int8", "cpu", "c", [ImageParity("x", a, {}, {})]).summary()
     assert s["anchor_switches"] == 1 and s["mesh_nme_max"] < 1e-5 and s["switched_mesh_nme_max"] > 0.1
+    assert s["mean_iou_switched"] == s["mean_iou"] and s["mean_iou_same_anchor"] is None  # the one pair switched
     same = detection_agreement(ref, ref, 0.5, decode_at(ref_out, pri, ref.anchors, (100, 100)))
     assert same["anchor_switches"] == 0 and same["mesh_nme_at_anchor"][0] == 0
 

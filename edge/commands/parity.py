@@ -34,7 +34,8 @@ def cmd_parity(args) -> int:
           f"score MAE {f(s['score_mae'])}  landmark NME {f(s['landmark_nme'])}  mesh NME {f(s['mesh_nme'])}")
     print(f"  worst faces{' (anchor for anchor)' if s.get('errors_by_anchor') else ''}: landmark NME p99 {f(s.get('landmark_nme_p99'))} "
           f"max {f(s.get('landmark_nme_max'))}  mesh NME p99 {f(s.get('mesh_nme_p99'))} max {f(s.get('mesh_nme_max'))}"
-          + (f"  anchor switches {s['anchor_switches']}" if s.get("anchor_switches") is not None else ""))
+          + (f"  anchor switches {s['anchor_switches']} (mean IoU same anchor {f(s.get('mean_iou_same_anchor'))}, switched "
+             f"{f(s.get('mean_iou_switched'))})" if s.get("anchor_switches") is not None else ""))
     print("  tensors: " + ", ".join(f"{n} max|err| {t['max_abs']:.3g} SNR {t['snr_db']:.1f} dB" for n, t in s["tensors"].items()))
     for msg in s["failed"]:
         print(f"  gate failed: {msg}")

@@ -127,6 +127,7 @@ class ParityReport:
         by_anchor = all("landmark_nme_at_anchor" in i.agreement for i in self.images if i.agreement["matched"])
         lmk_at = self.values("landmark_nme_at_anchor") if by_anchor else lmk
         mesh_at = (self.values("mesh_nme_at_anchor") if by_anchor else mesh) if has_mesh else None
+        switched = self.values("switched").astype(bool) if by_anchor else None  # aligned with `ious`
         tensors = {}
         for name in (self.images[0].tensors if self.images else {}):
             sig = sum(i.signal[name][0] for i in self.images)
@@ -153,6 +154,10 @@ class ParityReport:
             "mesh_nme_p99": _p99(mesh_at) if mesh_at is not None else None,
             "mesh_nme_max": float(mesh_at.max()) if mesh_at is not None and mesh_at.size else None,
             "anchor_switches": sum(i.agreement.get("anchor_switches", 0) for i in self.images) if by_anchor else None,
+            # mean IoU of the pairs kept on the reference's anchor and of the switched ones (which compare two anchors'
+            # boxes of one face): how much of the mean IoU's gap is the candidate's error, how much NMS's choice
+            "mean_iou_same_anchor": _mean(ious[~switched]) if by_anchor else None,
+            "mean_iou_switched": _mean(ious[switched]) if by_anchor else None,
             "switched_mesh_nme_max": _switched_max(self.images) if by_anchor and has_mesh else None,
             "tensors": tensors,
             "worst_images": [w.name for w in self.worst(3)],
@@ -195,6 +200,10 @@ def _worst_faces(rep: ParityReport, dets: dict, images: dict, png: Path, k: int 
         grid.paste(face_crop(images[im.name], box, [(cand.take([ci]), (255, 0, 255))], size), (2 * pad + size, y + label))
     grid.save(png)
     return png.name
+
+
+def _mean(v: np.ndarray) -> float | None:
+    return float(v.mean()) if v.size else None
 
 
 def _p99(v: np.ndarray) -> float | None:
@@ -315,7 +324,8 @@ def write_report(rep: ParityReport, summary: dict, gates: dict, failed: list[str
         "" if summary.get("anchor_switches") is None else
         f"Faces kept on a different anchor than the reference's: {summary['anchor_switches']} of {sum(i.agreement['matched'] for i in rep.images)} "
         f"matched; the largest mesh NME between such a pair is {fmt(summary.get('switched_mesh_nme_max'))} (the model's own "
-        "difference between two anchors of one face, not a quantisation error).",
+        "difference between two anchors of one face, not a quantisation error). Mean IoU of the faces kept on the "
+        f"reference's anchor {fmt(summary.get('mean_iou_same_anchor'))}, of the switched ones {fmt(summary.get('mean_iou_switched'))}.",
         "",
         *(["## Worst faces (reference left, green; candidate right, magenta)", "", f"![worst faces]({faces_png})", ""] if faces_png else []),
         "## Worst images (reference green, candidate magenta; boxes and landmarks)",
