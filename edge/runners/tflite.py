@@ -54,10 +54,10 @@ def quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
     return x
 
 
-def delegate_partitions(interp) -> int | None:
+def xnnpack_partitions(interp) -> int | None:
     """Delegate nodes in an allocated interpreter's execution plan: the parts of the graph XNNPACK (the default CPU
     delegate) runs; 0: all of it runs in TFLite's builtin kernels (tflite-runtime 2.14 delegates no int8 op).
-    None: the interpreter does not list its nodes. (targets/common/runtimes.py counts them the same way on devices.)"""
+    None: the interpreter does not list its nodes. (targets/common/runtimes.py has the same function for devices.)"""
     try:
         ops = interp._get_ops_details()  # private in every runtime interpreter_class() loads, but present in all
     except AttributeError:
@@ -78,7 +78,7 @@ class TFLiteRunner:
             self.interp = cls(model_path=str(path), num_threads=threads) if threads else cls(model_path=str(path))
             self.interp.allocate_tensors()
         self.inp = self.interp.get_input_details()[0]
-        self.xnnpack_partitions = delegate_partitions(self.interp)
+        self.xnnpack_partitions = xnnpack_partitions(self.interp)
         sig = self.interp.get_signature_list()
         if sig:
             # signature outputs output_0.. follow the exported tuple, i.e. spec.output_names
