@@ -10,6 +10,7 @@ import torch
 
 from converters.base import Capabilities, Converted, ConvertOptions, announce
 from edge.model import TupleOutputs
+from edge.quiet import native_output_quiet
 
 CAPABILITIES = Capabilities(
     target="openvino",
@@ -69,7 +70,8 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         data = list(calib.tensors(spec))
         # MIXED (asymmetric activations) suits the LeakyReLU maps: on group.jpg recall of FP32 faces
         # 0.988 vs 0.940 with PERFORMANCE (symmetric), and equalising first lowers it (0.976)
-        m = nncf.quantize(m, nncf.Dataset(data), subset_size=len(data), preset=nncf.QuantizationPreset.MIXED)
+        with native_output_quiet(litert=False):  # nncf draws progress bars (statistics collection, bias correction)
+            m = nncf.quantize(m, nncf.Dataset(data), subset_size=len(data), preset=nncf.QuantizationPreset.MIXED)
         quant.update({"weights": "int8 per-channel symmetric", "activations": "u8 per-tensor asymmetric (NNCF MIXED preset)"})
     replaced = two_class_sigmoid(m)
     if replaced:

@@ -484,3 +484,15 @@ def test_conversion_prints_our_steps_only(tmp_path):
     for noise in ("[START]", "[DONE]", "absl::InitializeLog", "oneDNN", "Total time", "FutureWarning", "XNNPACK delegate"):
         assert noise not in text, (noise, text[-3000:])
     assert "edge-convert: tflite fp16" in r.stderr and "passed" in r.stdout
+
+
+@pytest.mark.parametrize("target, noise", [("onnx", ("Collecting tensor data", "Finding optimal threshold", "Number of tensors")),
+                                           ("openvino", ("Statistics collection", "Fast Bias correction", "━"))])
+def test_int8_calibration_prints_our_steps_only(tmp_path, capfd, target, noise):
+    """onnxruntime's quantize_static prints its calibration steps and nncf.quantize draws progress bars: held back
+    (edge-convert --verbose lets them through); our own steps stay."""
+    convert(target, "int8", input_size=160, calib_count=4, out=tmp_path / "b", progress=True)
+    out, err = capfd.readouterr()
+    for n in noise:
+        assert n not in out + err, (n, (out + err)[-2000:])
+    assert "calibration images" in err or "calibrating on" in err, err[-2000:]
