@@ -108,31 +108,49 @@ def check_relu_split(target: str, precision: str, relu_split) -> None:
         raise ConfigError(f"--relu-split applies to tflite int8, not {target} {precision}")
 
 
+INPUT_DTYPES = ("uint8", "int8")
+
+
+def check_input_dtype(target: str, precision: str, input_dtype: str) -> None:
+    """--input-dtype int8 only for TFLite's full-integer int8 graph (the others take a float tensor or, int8-mixed,
+    start in int16)."""
+    if input_dtype not in INPUT_DTYPES:
+        raise ConfigError(f"--input-dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
+    if input_dtype != "uint8" and (target != "tflite" or precision != "int8"):
+        raise ConfigError(f"--input-dtype {input_dtype} applies to tflite int8 (the full-integer graph), not {target} {precision}")
+
+
 def default_out(target: str, precision: str, size: int) -> Path:
     return Path("bundles") / f"retinaface-{target}-{precision}-{size}"
 
 
 def convert(target: str, precision: str = "fp32", *, weights: str = "default", arch: str | None = None, input_size: int = 640,
             calib: str | None = None, calib_count: int = 32, out: str | Path | None = None, progress: bool = True,
-            equalize: bool | None = None, float_modules=(), relu_split=()) -> ConvertResult:
+            equalize: bool | None = None, float_modules=(), relu_split=(), input_dtype: str = "uint8") -> ConvertResult:
     """Convert the model to one target's bundle. Unsupported requests raise ConfigError before any work.
 
     equalize: for int8, apply cross-layer equalisation to the backbone first (function-preserving);
     None takes the target's measured default (`Capabilities.int8_equalize`).
     float_modules: for the PT2E int8 routes (tflite, coreml), model modules (e.g. "body.stage1") left float.
     relu_split: for TFLite int8, model modules whose LeakyReLU convolutions the graph computes as two convolutions with
-    fused ReLUs (`edge.model.LeakyAsReLUs`): more accurate, slower (docs/full-integer.md)."""
+    fused ReLUs (`edge.model.LeakyAsReLUs`): more accurate, slower (docs/full-integer.md).
+    input_dtype: for TFLite int8, the canvas the graph takes: "uint8" (the image as it is; a QUANTIZE op makes the
+    int8 pixel - 128 the graph computes on) or "int8" (that pixel - 128 itself, which the caller makes by flipping each
+    byte's top bit; TFLite's QUANTIZE kernel is a scalar loop on x86: docs/full-integer.md)."""
     t0 = time.perf_counter()
     mod = target_module(target)
     float_modules = tuple(float_modules or ())
     relu_split = tuple(relu_split or ())
     # 1. refuse a bad request before any work, the destination included
     out = Path(out) if out else default_out(target, precision, input_size)
-    replaced = check_request(mod.CAPABILITIES, precision, input_size, calib, float_modules, out, relu_split)
+    replaced = check_request(mod.CAPABILITIES, precision, input_size, calib, float_modules, out, relu_split, input_dtype)
     # 2. the FP32 model (the reference), and the QAT program where the checkpoint is one
     model, info = load_reference(weights, arch, input_size, float_modules)
     spec = model.spec
     qat, model = qat_program(info, model, target, precision, calib, input_size)
+    if input_dtype != "uint8" and qat is not None and not getattr(qat, "full_integer", False):
+        raise ConfigError(f"--input-dtype {input_dtype}: this QAT checkpoint's program takes the float tensor (edge compress "
+                          "--qat-graph full-integer trains the graph that takes the canvas)")
     if relu_split:
         if qat is not None:
             raise ConfigError("--relu-split: a QAT checkpoint's program is converted as it was trained (train it with "
@@ -153,7 +171,8 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         print(f"  - --relu-split auto: {', '.join(relu_split) or 'no layer'}", file=sys.stderr)
     with atomic_folder(out) as tmp:
         # 4. the target's conversion
-        opts = ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules, relu_split)
+        opts = ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules, relu_split,
+                              input_dtype)
         conv = mod.convert(qmodel, spec, opts, tmp, cs, minimal_metadata(meta))
         conv.quantization["cross_layer_equalization"] = eq_report
         if float_modules:
@@ -176,7 +195,7 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
 
 
 def check_request(caps, precision: str, input_size: int, calib, float_modules: tuple, out: Path,
-                  relu_split: tuple = ()) -> str:
+                  relu_split: tuple = (), input_dtype: str = "uint8") -> str:
     """Refuse what cannot be done, before any work. -> what is at `out` ("new", "empty folder", "bundle")."""
     caps.check(precision)
     if input_size <= 0 or input_size % 32:
@@ -187,6 +206,7 @@ def check_request(caps, precision: str, input_size: int, calib, float_modules: t
         raise ConfigError(f"--calib is only used for int8, not {precision}")
     check_float_modules(caps.target, precision, float_modules)
     check_relu_split(caps.target, precision, relu_split)
+    check_input_dtype(caps.target, precision, input_dtype)
     return check_destination(out)  # never a file or a folder that is not one of our bundles
 
 

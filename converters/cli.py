@@ -6,7 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from converters.api import check_float_modules, check_relu_split, convert, default_out
+from converters.api import INPUT_DTYPES, check_float_modules, check_input_dtype, check_relu_split, convert, default_out
 from converters.bundle import check_destination
 from converters.registry import TARGET_MODULES, capabilities
 from edge.atomic import Terminated
@@ -53,6 +53,10 @@ def make_parser() -> argparse.ArgumentParser:
                     help="tflite int8: comma-separated modules (e.g. body.stage1) whose conv + LeakyReLU layers the graph "
                     "computes as two convolutions with fused ReLUs: fewer faces lost to int8, slower (docs/full-integer.md); "
                     "auto: the layers whose output's negative side is widest on the calibration pictures")
+    ap.add_argument("--input-dtype", choices=INPUT_DTYPES, default="uint8",
+                    help="tflite int8: the canvas the graph takes: uint8, the image as it is (default; a QUANTIZE op first), "
+                    "or int8, pixel - 128 (each byte's top bit flipped by the caller): on x86 TFLite's QUANTIZE kernel is a "
+                    "scalar loop, about a fifth of a 2-thread run (docs/full-integer.md)")
     ap.add_argument("--no-parity-gate", action="store_true", help="exit 0 even when the bundle fails its parity gates")
     ap.add_argument("--list", action="store_true", help="print the targets table and exit")
     ap.add_argument("--quiet", action="store_true")
@@ -85,6 +89,7 @@ def main(argv=None) -> int:
             capabilities(t).check(args.precision)
             check_float_modules(t, args.precision, float_modules)
             check_relu_split(t, args.precision, relu_split)
+            check_input_dtype(t, args.precision, args.input_dtype)
         if args.target == "all":  # --out is the parent folder
             outs = {t: Path(args.out or "bundles") / default_out(t, args.precision, args.input_size).name for t in targets}
         else:
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
             results.append(convert(t, args.precision, weights=args.weights, arch=args.arch, input_size=args.input_size,
                                    calib=args.calib, calib_count=args.calib_count, out=out, progress=not args.quiet,
                                    equalize={'auto': None, 'on': True, 'off': False}[args.equalize], float_modules=float_modules,
-                                   relu_split=relu_split))
+                                   relu_split=relu_split, input_dtype=args.input_dtype))
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ CAPABILITIES = Capabilities(
         "fp16": "fp32 flatbuffer, float16 weights (ai-edge-quantizer float_casting)",
         "int8": "full-integer, pure int8 (no int16 activations: runs whole on int8-only NPUs and in one XNNPACK "
                 "partition on CPUs): PT2E PTQ (per-channel int8 weights, int8 activations, int8 softmax/upsample/add), "
-                "canvas input -> litert_torch.convert",
+                "canvas input (uint8; --input-dtype int8: the int8 pixel - 128, no QUANTIZE op) -> litert_torch.convert",
         "int8-mixed": "full-integer 16x8 where it pays: as int8, but int16 activations in backbone "
                       "stage 1, stage2.5 and stage 3 (chosen by `edge sensitivity`), for NPUs with 16x8 kernels and LiteRT; "
                       "a CPU runs those ops outside XNNPACK (about 20x slower than int8)",
@@ -69,8 +69,10 @@ def mixed_int16_modules(model) -> tuple[str, ...]:
     return ("body.stage1", "body.stage2.5", "body.stage3")
 
 
-def _convert_int8(model, calib, spec, path: Path, progress: bool, int16_modules=(), relu_split=()) -> dict:
-    """The full-integer route: (1, S, S, 3) int8 canvas in, int8 outputs; int16 activations under int16_modules."""
+def _convert_int8(model, calib, spec, path: Path, progress: bool, int16_modules=(), relu_split=(),
+                  input_dtype: str = "uint8") -> dict:
+    """The full-integer route: (1, S, S, 3) canvas in (uint8, or int8 pixel - 128), int8 outputs; int16 activations
+    under int16_modules."""
     import litert_torch  # optional: tflite extra
     from litert_torch.quantize.quant_config import QuantConfig  # optional: tflite extra
 
@@ -87,7 +89,8 @@ def _convert_int8(model, calib, spec, path: Path, progress: bool, int16_modules=
         res["runtime_needs"] = MIXED_RUNTIME
         res["activations"] = "int16 per-tensor symmetric (min/max) under int16_modules, int8 per-tensor (histogram) elsewhere"
         res["int16_modules"] = list(int16_modules)
-    uint8_input(path)
+    if input_dtype == "uint8":
+        uint8_input(path)
     return res
 
 
@@ -346,7 +349,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         xq = torch.zeros(1, opts.input_size, opts.input_size, 3) if full else x
         with native_output_quiet():
             litert_torch.convert(opts.qat.finalize(), (xq,), quant_config=QuantConfig(pt2e_quantizer=opts.qat.quantizer)).export(str(out))
-        if full:
+        if full and opts.input_dtype == "uint8":
             uint8_input(out)
         quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> litert_torch.convert", "weights": "int8 per-channel symmetric",
                       "activations": "int8 per-tensor (ranges learnt in QAT)", "qat": opts.qat.report()})
@@ -358,7 +361,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
                  + (", int16 activations in " + ", ".join(wide) + ")" if wide else ")"))
         if wide:
             announce(opts.progress, f"int8-mixed runs on {MIXED_RUNTIME}")
-        quant.update(_convert_int8(model, calib, spec, out, opts.progress, wide, opts.relu_split))
+        quant.update(_convert_int8(model, calib, spec, out, opts.progress, wide, opts.relu_split, opts.input_dtype))
     else:
         announce(opts.progress, "litert_torch.convert")
         tmp = workdir / "fp32.tflite.tmp"

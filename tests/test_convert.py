@@ -496,3 +496,37 @@ def test_int8_calibration_prints_our_steps_only(tmp_path, capfd, target, noise):
     for n in noise:
         assert n not in out + err, (n, (out + err)[-2000:])
     assert "calibration images" in err or "calibrating on" in err, err[-2000:]
+
+
+def test_tflite_int8_input_dtype_int8_drops_the_quantize_and_computes_the_same(tmp_path, shared, rpi_python):
+    """--input-dtype int8: the same full-integer graph without its first op (QUANTIZE uint8 -> int8), taking the int8
+    pixel - 128 itself; on the same canvases its outputs equal the uint8 bundle's bit for bit (the runners flip each
+    byte's top bit), it stays in one XNNPACK partition, and the Raspberry Pi suite (tflite-runtime 2.14) runs it. Other
+    targets and precisions are refused before any work."""
+    u8 = convert("tflite", "int8", input_size=160, calib_count=4, out=tmp_path / "u8", progress=False).bundle
+    i8 = convert("tflite", "int8", input_size=160, calib_count=4, out=tmp_path / "i8", progress=False, input_dtype="int8").bundle
+    qu, qi = (read_metadata(b)[1]["quantization"] for b in (u8, i8))
+    assert qu["ops"].pop("QUANTIZE:uint8->int8") == 1 and "QUANTIZE:uint8->int8" not in qi["ops"]
+    assert qu["ops"] == qi["ops"] and qi["full_integer"] and qi["xnnpack"]["partitions"] == 1
+    assert qi["io"]["input"] == {**qu["io"]["input"], "dtype": "int8", "zero_point": -128}
+    assert qi["io"]["outputs"] == qu["io"]["outputs"]
+    spec = load_bundle_runner(u8)[1]
+    ru, ri = (TFLiteRunner(b / "model.tflite", spec.output_names) for b in (u8, i8))
+    rng = np.random.default_rng(0)
+    canvases = [prepare(load_image(shared / "images" / "group.jpg"), spec).pixel_canvas[None],
+                rng.integers(0, 256, (1, 160, 160, 3), dtype=np.uint8), np.full((1, 160, 160, 3), 255, np.uint8)]
+    for c in canvases:
+        a, b = ru.run_image(c), ri.run_image(c)
+        for k in spec.output_names:
+            np.testing.assert_array_equal(a.raw[k], b.raw[k], err_msg=k)
+
+    r = _run_suite(rpi_python, tmp_path, i8)
+    recall = re.search(r'"recall": ([0-9.]+)', r.stdout)
+    assert "runtime: tflite-runtime" in r.stdout and recall and float(recall.group(1)) >= 0.9, r.stdout[-3000:] + r.stderr[-2000:]
+
+    for target, precision in (("onnx", "int8"), ("tflite", "int8-mixed"), ("tflite", "fp32"), ("openvino", "int8")):
+        with pytest.raises(ConfigError, match="--input-dtype int8 applies to tflite int8"):
+            convert(target, precision, input_size=160, out=tmp_path / "bad", progress=False, input_dtype="int8")
+        assert not (tmp_path / "bad").exists()
+    assert convert_cli.main(["--target", "onnx", "--precision", "int8", "--input-dtype", "int8", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
