@@ -157,7 +157,8 @@ def _peak_openvino(threads: int, dtype: str, n: int = 1024, reps: int = 5) -> fl
     if dtype == "int8":
         import nncf  # optional: openvino extra
 
-        m = nncf.quantize(m, nncf.Dataset([data]), subset_size=1, preset=nncf.QuantizationPreset.MIXED)
+        with native_output_quiet(litert=False):  # nncf draws a progress bar (statistics collection)
+            m = nncf.quantize(m, nncf.Dataset([data]), subset_size=1, preset=nncf.QuantizationPreset.MIXED)
     c = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
     req = c.create_infer_request()
     req.infer({0: data})
