@@ -117,7 +117,8 @@ def check_input_dtype(target: str, precision: str, input_dtype: str) -> None:
     if input_dtype not in INPUT_DTYPES:
         raise ConfigError(f"--input-dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
     if input_dtype != "uint8" and (target != "tflite" or precision != "int8"):
-        raise ConfigError(f"--input-dtype {input_dtype} applies to tflite int8 (the full-integer graph), not {target} {precision}")
+        raise ConfigError(f"--input-dtype {input_dtype} applies to tflite int8 (the full-integer graph), "
+                          f"not {target} {precision}")
 
 
 def default_out(target: str, precision: str, size: int) -> Path:
@@ -143,14 +144,15 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     relu_split = tuple(relu_split or ())
     # 1. refuse a bad request before any work, the destination included
     out = Path(out) if out else default_out(target, precision, input_size)
-    replaced = check_request(mod.CAPABILITIES, precision, input_size, calib, float_modules, out, relu_split, input_dtype)
+    replaced = check_request(mod.CAPABILITIES, precision, input_size, calib, float_modules, out, relu_split,
+                             input_dtype)
     # 2. the FP32 model (the reference), and the QAT program where the checkpoint is one
     model, info = load_reference(weights, arch, input_size, float_modules)
     spec = model.spec
     qat, model = qat_program(info, model, target, precision, calib, input_size)
     if input_dtype != "uint8" and qat is not None and not getattr(qat, "full_integer", False):
-        raise ConfigError(f"--input-dtype {input_dtype}: this QAT checkpoint's program takes the float tensor (edge compress "
-                          "--qat-graph full-integer trains the graph that takes the canvas)")
+        raise ConfigError(f"--input-dtype {input_dtype}: this QAT checkpoint's program takes the float tensor "
+                          "(edge compress --qat-graph full-integer trains the graph that takes the canvas)")
     if relu_split:
         if qat is not None:
             raise ConfigError("--relu-split: a QAT checkpoint's program is converted as it was trained (train it with "
@@ -171,8 +173,8 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
         print(f"  - --relu-split auto: {', '.join(relu_split) or 'no layer'}", file=sys.stderr)
     with atomic_folder(out) as tmp:
         # 4. the target's conversion
-        opts = ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules, relu_split,
-                              input_dtype)
+        opts = ConvertOptions(target, precision, input_size, calib, calib_count, progress, qat, float_modules,
+                              relu_split, input_dtype)
         conv = mod.convert(qmodel, spec, opts, tmp, cs, minimal_metadata(meta))
         conv.quantization["cross_layer_equalization"] = eq_report
         if float_modules:

@@ -66,7 +66,7 @@ class ConvertOptions:
     qat: object = None  # int8 from a QAT checkpoint: its prepared quant.qat.QATQuantizer (no calibration)
     float_modules: tuple = ()  # PT2E int8 (tflite, coreml): model modules left float (quant.ptq.pt2e_quantizer)
     relu_split: tuple = ()  # TFLite int8: modules whose LeakyReLU convolutions are split (quant.ptq.relu_split_modules)
-    input_dtype: str = "uint8"  # TFLite full-integer int8: the canvas as uint8 (a QUANTIZE first) or as int8 (pixel - 128)
+    input_dtype: str = "uint8"  # TFLite full-integer int8: the canvas as uint8 (a QUANTIZE first) or int8 (pixel - 128)
 
 
 @dataclass

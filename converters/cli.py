@@ -54,9 +54,9 @@ def make_parser() -> argparse.ArgumentParser:
                     "computes as two convolutions with fused ReLUs: fewer faces lost to int8, slower (docs/full-integer.md); "
                     "auto: the layers whose output's negative side is widest on the calibration pictures")
     ap.add_argument("--input-dtype", choices=INPUT_DTYPES, default="uint8",
-                    help="tflite int8: the canvas the graph takes: uint8, the image as it is (default; a QUANTIZE op first), "
-                    "or int8, pixel - 128 (each byte's top bit flipped by the caller): on x86 TFLite's QUANTIZE kernel is a "
-                    "scalar loop, about a fifth of a 2-thread run (docs/full-integer.md)")
+                    help="tflite int8: the canvas the graph takes: uint8, the image as it is (default; a QUANTIZE "
+                    "op first), or int8, pixel - 128 (each byte's top bit flipped by the caller): on x86 TFLite's "
+                    "QUANTIZE kernel is a scalar loop, about a fifth of a 2-thread run (docs/full-integer.md)")
     ap.add_argument("--no-parity-gate", action="store_true", help="exit 0 even when the bundle fails its parity gates")
     ap.add_argument("--list", action="store_true", help="print the targets table and exit")
     ap.add_argument("--quiet", action="store_true")

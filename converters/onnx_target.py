@@ -194,10 +194,11 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         announce(opts.progress, f"calibrating on {len(calib)} images and quantising (QDQ, per-channel)")
         pre = workdir / "pre.onnx.tmp"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        with native_output_quiet(litert=False):  # onnxruntime's calibrator prints its steps ("Collecting tensor data ...")
+        with native_output_quiet(litert=False):  # onnxruntime's calibrator prints its steps ("Collecting tensor ...")
             quantize_static(
                 str(pre), str(out), _Reader(calib.tensors(spec)), quant_format=QuantFormat.QDQ, per_channel=True,
-                weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.Percentile,
+                weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                calibrate_method=CalibrationMethod.Percentile,
                 # softmax output stays float: one [0, 1] scale for a probability pair gains nothing
                 nodes_to_exclude=[n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Softmax"],
             )

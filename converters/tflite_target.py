@@ -35,7 +35,8 @@ CAPABILITIES = Capabilities(
         "fp16": "fp32 flatbuffer, float16 weights (ai-edge-quantizer float_casting)",
         "int8": "full-integer, pure int8 (no int16 activations: runs whole on int8-only NPUs and in one XNNPACK "
                 "partition on CPUs): PT2E PTQ (per-channel int8 weights, int8 activations, int8 softmax/upsample/add), "
-                "canvas input (uint8; --input-dtype int8: the int8 pixel - 128, no QUANTIZE op) -> litert_torch.convert",
+                "canvas input (uint8; --input-dtype int8: the int8 pixel - 128, no QUANTIZE op) "
+                "-> litert_torch.convert",
         "int8-mixed": "full-integer 16x8 where it pays: as int8, but int16 activations in backbone "
                       "stage 1, stage2.5 and stage 3 (chosen by `edge sensitivity`), for NPUs with 16x8 kernels and LiteRT; "
                       "a CPU runs those ops outside XNNPACK (about 20x slower than int8)",

@@ -486,8 +486,9 @@ def test_conversion_prints_our_steps_only(tmp_path):
     assert "edge-convert: tflite fp16" in r.stderr and "passed" in r.stdout
 
 
-@pytest.mark.parametrize("target, noise", [("onnx", ("Collecting tensor data", "Finding optimal threshold", "Number of tensors")),
-                                           ("openvino", ("Statistics collection", "Fast Bias correction", "━"))])
+@pytest.mark.parametrize("target, noise", [
+    ("onnx", ("Collecting tensor data", "Finding optimal threshold", "Number of tensors")),
+    ("openvino", ("Statistics collection", "Fast Bias correction", "━"))])
 def test_int8_calibration_prints_our_steps_only(tmp_path, capfd, target, noise):
     """onnxruntime's quantize_static prints its calibration steps and nncf.quantize draws progress bars: held back
     (edge-convert --verbose lets them through); our own steps stay."""
@@ -504,7 +505,8 @@ def test_tflite_int8_input_dtype_int8_drops_the_quantize_and_computes_the_same(t
     byte's top bit), it stays in one XNNPACK partition, and the Raspberry Pi suite (tflite-runtime 2.14) runs it. Other
     targets and precisions are refused before any work."""
     u8 = convert("tflite", "int8", input_size=160, calib_count=4, out=tmp_path / "u8", progress=False).bundle
-    i8 = convert("tflite", "int8", input_size=160, calib_count=4, out=tmp_path / "i8", progress=False, input_dtype="int8").bundle
+    i8 = convert("tflite", "int8", input_size=160, calib_count=4, out=tmp_path / "i8", progress=False,
+                 input_dtype="int8").bundle
     qu, qi = (read_metadata(b)[1]["quantization"] for b in (u8, i8))
     assert qu["ops"].pop("QUANTIZE:uint8->int8") == 1 and "QUANTIZE:uint8->int8" not in qi["ops"]
     assert qu["ops"] == qi["ops"] and qi["full_integer"] and qi["xnnpack"]["partitions"] == 1
@@ -528,5 +530,6 @@ def test_tflite_int8_input_dtype_int8_drops_the_quantize_and_computes_the_same(t
         with pytest.raises(ConfigError, match="--input-dtype int8 applies to tflite int8"):
             convert(target, precision, input_size=160, out=tmp_path / "bad", progress=False, input_dtype="int8")
         assert not (tmp_path / "bad").exists()
-    assert convert_cli.main(["--target", "onnx", "--precision", "int8", "--input-dtype", "int8", "--out", str(tmp_path / "bad")]) == 2
+    argv = ["--target", "onnx", "--precision", "int8", "--input-dtype", "int8", "--out", str(tmp_path / "bad")]
+    assert convert_cli.main(argv) == 2
     assert not (tmp_path / "bad").exists()
