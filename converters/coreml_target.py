@@ -18,7 +18,9 @@ import torch
 from converters.base import Capabilities, Converted, ConvertOptions, announce
 from edge.model import TupleOutputs
 from edge.runners.coreml import dtype_enum, runs_here
+from edge.quiet import native_output_quiet
 from edge.runners.mil_interpreter import import_coremltools
+from edge.runners.tflite import import_quietly
 from quant.ptq import pt2e_calibrated, quantized_program
 
 CAPABILITIES = Capabilities(
@@ -44,10 +46,12 @@ def _convert_program(gm_or_model, x, spec, precision):
     ct = import_coremltools()
     ep = torch.export.export(gm_or_model, (x,)).run_decompositions({})
     cp = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
-    return ct.convert(
-        ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17, compute_precision=cp,
-        inputs=[ct.TensorType(name="input", shape=tuple(x.shape))], outputs=[ct.TensorType(name=n) for n in spec.output_names],
-    )
+    with native_output_quiet(litert=False):  # coremltools draws a progress bar per conversion pass
+        return ct.convert(
+            ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17, compute_precision=cp,
+            inputs=[ct.TensorType(name="input", shape=tuple(x.shape))],
+            outputs=[ct.TensorType(name=n) for n in spec.output_names],
+        )
 
 
 def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: dict[str, str]) -> Converted:
@@ -62,6 +66,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
                       "qat": opts.qat.report()})
     elif opts.precision == "int8":
         announce(opts.progress, f"PT2E: observing {len(calib)} calibration images")
+        import_quietly()  # the PT2E quantizer's import starts TensorFlow: its notices held back
         gm, _ = pt2e_calibrated(model, spec, calib, opts.progress, opts.float_modules)
         gm = quantized_program(gm, fold_quantize=True)
         announce(opts.progress, "ct.convert (W8A8)")
@@ -79,7 +84,8 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
 
             announce(opts.progress, "int8 weights (per channel)")
             cfg = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric", granularity="per_channel", weight_threshold=0))
-            ml = linear_quantize_weights(ml, cfg)
+            with native_output_quiet(litert=False):  # coremltools' progress bar
+                ml = linear_quantize_weights(ml, cfg)
             quant.update({"weights": "int8 per-channel symmetric", "activations": "fp16"})
     ml.user_defined_metadata.update(meta_min)
     ml.short_description = "RetinaFace-MobileNet-0.25 (retinaface-edge)"
