@@ -21,7 +21,7 @@ from edge.runners.coreml import dtype_enum, runs_here
 from edge.quiet import native_output_quiet
 from edge.runners.mil_interpreter import import_coremltools
 from edge.runners.tflite import import_quietly
-from quant.ptq import pt2e_calibrated, quantized_program
+from quant.ptq import drop_requantize_before_leaky, pt2e_calibrated, quantized_program
 
 CAPABILITIES = Capabilities(
     target="coreml",
@@ -30,7 +30,8 @@ CAPABILITIES = Capabilities(
         "fp32": "torch.export -> ct.convert(mlprogram, FLOAT32)",
         "fp16": "torch.export -> ct.convert(mlprogram, FLOAT16)",
         "int8w": "fp16 mlprogram, then linear_quantize_weights (int8 per-channel, all convs)",
-        "int8": "PT2E PTQ (W8A8), convert_pt2e(fold_quantize=True) -> ct.convert",
+        "int8": "PT2E PTQ (W8A8), convert_pt2e(fold_quantize=True), each convolution into its LeakyReLU unrounded "
+                "(quantised once after the activation) -> ct.convert",
     },
     convert_requires=("coremltools", "torchao", "litert_torch"),
     run_requires=("coremltools: the Core ML runtime on macOS, the numpy MIL interpreter elsewhere",),
@@ -69,9 +70,11 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         import_quietly()  # the PT2E quantizer's import starts TensorFlow: its notices held back
         gm, _ = pt2e_calibrated(model, spec, calib, opts.progress, opts.float_modules)
         gm = quantized_program(gm, fold_quantize=True)
+        fused = drop_requantize_before_leaky(gm)  # each convolution runs into its LeakyReLU unrounded
         announce(opts.progress, "ct.convert (W8A8)")
         ml = _convert_program(gm, x, spec, "fp16")
-        quant.update({"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (quantize/dequantize in the program)"})
+        quant.update({"weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (quantize/dequantize in the program)",
+                      "leaky_relu_inputs_unquantized": fused})
     else:
         announce(opts.progress, "ct.convert")
         ml = _convert_program(TupleOutputs(model).eval(), x, spec, "fp32" if opts.precision == "fp32" else "fp16")

@@ -360,6 +360,31 @@ def full_integer_quantizer(qat: bool = False, int16_modules=()):
     return FullInteger().set_global(cfg)
 
 
+def drop_requantize_before_leaky(gm) -> int:
+    """In a converted PT2E program, take out the quantise/dequantise pair between each convolution's output and the
+    LeakyReLU that alone reads it: the convolution's output goes into its LeakyReLU unrounded, and the activation's
+    output is quantised once, as a runtime that fuses convolution and activation (OpenVINO's int8) computes it. On the
+    simulated full-integer program (150 parity pictures) this raised recall 0.957 -> 0.970 and mean IoU 0.948 -> 0.960
+    (docs/full-integer.md). -> the number of pairs taken out."""
+    def op(node):  # "quantized_decomposed.quantize_per_tensor.default" -> "quantize_per_tensor"
+        return str(node.target).split(".")[1] if isinstance(node, torch.fx.Node) and node.op == "call_function" else ""
+
+    n = 0
+    for node in list(gm.graph.nodes):
+        if op(node) not in ("leaky_relu", "leaky_relu_"):
+            continue
+        dq = node.args[0]
+        if op(dq) != "dequantize_per_tensor" or len(dq.users) != 1:
+            continue
+        q = dq.args[0]
+        if op(q) == "quantize_per_tensor" and len(q.users) == 1:
+            node.replace_input_with(dq, q.args[0])
+            n += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return n
+
+
 def quantized_program(gm, fold_quantize: bool):
     """convert_pt2e, then put the graph in eval mode (exported graphs carry no .eval(); torchao's helper does it)."""
     from torchao.quantization.pt2e import move_exported_model_to_eval  # optional: tflite/train extra

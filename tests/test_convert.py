@@ -1,4 +1,5 @@
 """Converters: bundles for every target, checked against the FP32 PyTorch model."""
+import copy
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from edge.runners.tflite import TFLiteRunner
 from edge.samples import grace_hopper, grace_hopper_path
 from edge.weights.load import load_weights
 from quant.equalize import equalize
-from quant.ptq import pt2e_calibrated, quantized_program
+from quant.ptq import drop_requantize_before_leaky, pt2e_calibrated, pt2e_quantizer, quantized_program
 from tests.test_device_suite import _run_suite, rpi_python  # noqa: F401 - the fixture, for the device suite on int8-mixed
 
 pytestmark = pytest.mark.convert
@@ -94,6 +95,7 @@ def test_coreml_structure(bundles, precision):
         assert q["int8_weight_tensors"] >= 59
     if precision == "int8":
         assert q["ops"].get("quantize", 0) + q["ops"].get("dequantize", 0) > 0
+        assert q["leaky_relu_inputs_unquantized"] == 38  # every convolution runs into its LeakyReLU unrounded
     if sys.platform != "darwin":  # run by the numpy MIL interpreter, and said so
         assert meta["parity"]["passed"] is True and "interpreted MIL, not the Core ML runtime" in meta["parity"]["runner"]
 
@@ -537,3 +539,29 @@ def test_tflite_int8_input_dtype_int8_drops_the_quantize_and_computes_the_same(t
     argv = ["--target", "onnx", "--precision", "int8", "--input-dtype", "int8", "--out", str(tmp_path / "bad")]
     assert convert_cli.main(argv) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_drop_requantize_before_leaky_quantises_once_after_the_activation():
+    """In a converted PT2E program the convolution's output reaches its LeakyReLU unrounded (the pair before it taken
+    out, the one after it kept), which brings the program closer to the float model where the convolution's output has a
+    wide negative side."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.LeakyReLU(0.1),
+                              torch.nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        net[1].bias.fill_(-2.0)  # most of the convolution's output negative: the LeakyReLU shrinks it tenfold
+    xs = [torch.randn(1, 3, 16, 16) for _ in range(8)]
+    gm = prepare_pt2e(torch.export.export(net, (xs[0],)).module(), pt2e_quantizer())
+    for x in xs:
+        gm(x)
+    plain = quantized_program(gm, fold_quantize=True)
+    fused = copy.deepcopy(plain)
+    assert drop_requantize_before_leaky(fused) == 1
+    leaky = next(n for n in fused.graph.nodes if "leaky_relu" in str(n.target))
+    assert "dequantize" not in str(leaky.args[0].target)
+    assert any("quantize_per_tensor" in str(u.target) for u in leaky.users)  # quantised once, after it
+    with torch.no_grad():
+        err = [sum(float((p(x) - net(x)).abs().mean()) for x in xs) for p in (plain, fused)]
+    assert err[1] < err[0]
