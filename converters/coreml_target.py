@@ -17,10 +17,9 @@ import torch
 
 from converters.base import Capabilities, Converted, ConvertOptions, announce
 from edge.model import TupleOutputs
-from edge.runners.coreml import dtype_enum, runs_here
 from edge.quiet import native_output_quiet
+from edge.runners.coreml import dtype_enum, runs_here
 from edge.runners.mil_interpreter import import_coremltools
-from edge.runners.tflite import import_quietly
 from quant.ptq import drop_requantize_before_leaky, pt2e_calibrated, quantized_program
 
 CAPABILITIES = Capabilities(
@@ -67,7 +66,6 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
                       "qat": opts.qat.report()})
     elif opts.precision == "int8":
         announce(opts.progress, f"PT2E: observing {len(calib)} calibration images")
-        import_quietly()  # the PT2E quantizer's import starts TensorFlow: its notices held back
         gm, _ = pt2e_calibrated(model, spec, calib, opts.progress, opts.float_modules)
         gm = quantized_program(gm, fold_quantize=True)
         fused = drop_requantize_before_leaky(gm)  # each convolution runs into its LeakyReLU unrounded

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from edge.errors import ConfigError
 from edge.model import TupleOutputs, integer_graph_form, leaky_as_relus_form, leaky_convs, pixel_input_form
+from edge.runners.tflite import import_quietly
 from quant.config import check_module_names
 from quant.equalize import run_hooked
 
@@ -109,6 +110,7 @@ def pt2e_quantizer(float_modules=(), qat: bool = False, per_channel: bool = True
     """litert-torch's PT2E quantizer with our config; the modules named in float_modules (model-relative names,
     e.g. "body.stage1", with everything under them) are left unannotated, so they stay float: the converters
     put a dequantize before them and a quantize after. (litert-torch 0.10 refuses set_module_name(name, None).)"""
+    import_quietly()  # the quantizer's import starts TensorFlow: its start-up notices held back
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer  # optional: tflite extra
 
     float_modules = tuple(float_modules)
@@ -261,6 +263,7 @@ def full_integer_quantizer(qat: bool = False, int16_modules=()):
     for `quant.sensitivity` and the int8-mixed conversion. Where the first convolution is int16, its pixels are
     requantised to int16 (scale 1, zero point 0: exact). litert-torch drops the requantisation at
     each int8/int16 boundary, which `converters.tflite_target.requantize_boundaries` puts back."""
+    import_quietly()  # the quantizer's import starts TensorFlow: its start-up notices held back
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer  # optional: tflite extra
     from litert_torch.quantize.pt2e_quantizer_utils import (  # optional: tflite extra
         get_input_act_qspec,
@@ -366,8 +369,9 @@ def drop_requantize_before_leaky(gm) -> int:
     output is quantised once, as a runtime that fuses convolution and activation (OpenVINO's int8) computes it. On the
     simulated full-integer program (150 parity pictures) this raised recall 0.957 -> 0.970 and mean IoU 0.948 -> 0.960
     (docs/full-integer.md). -> the number of pairs taken out."""
-    def op(node):  # "quantized_decomposed.quantize_per_tensor.default" -> "quantize_per_tensor"
-        return str(node.target).split(".")[1] if isinstance(node, torch.fx.Node) and node.op == "call_function" else ""
+    def op(node):  # "quantized_decomposed.quantize_per_tensor.default" -> "quantize_per_tensor"; getitem etc. -> ""
+        parts = str(node.target).split(".") if isinstance(node, torch.fx.Node) and node.op == "call_function" else []
+        return parts[1] if len(parts) == 3 else ""
 
     n = 0
     for node in list(gm.graph.nodes):

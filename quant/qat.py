@@ -30,7 +30,6 @@ from torch import nn
 
 from edge.errors import ConfigError, WeightsError
 from edge.model import TupleOutputs, integer_graph_form
-from edge.runners.tflite import import_quietly
 from edge.weights.load import load_weights
 from quant.config import QuantConfig
 from quant.ptq import (
@@ -207,7 +206,6 @@ class QATQuantizer:
         self.folded = fold_batch_norm_scales(self.model)
         bn_scales = {f"{self.prefix}{n}.weight" for n, m in self.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
         batch = torch.export.Dim("batch", min=1, max=256)
-        import_quietly()  # the quantizer's import starts TensorFlow: its notices held back
         if self.full_integer:
             if g.weight_granularity != "per_channel":
                 raise ValueError("the full-integer program has per-channel weights")
