@@ -11,6 +11,7 @@ import torch
 from converters.base import Capabilities, Converted, ConvertOptions, announce
 from edge.model import TupleOutputs
 from edge.quiet import native_output_quiet
+from quant.ptq import drop_requantize_before_leaky
 
 CAPABILITIES = Capabilities(
     target="openvino",
@@ -56,9 +57,11 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
                           "activations": "u8 per-tensor asymmetric (NNCF MIXED preset, ranges trained)"})
         else:  # the converted PT2E program (quantize/dequantize pairs): OpenVINO fuses them into u8 convolutions
             announce(opts.progress, "ov.convert_model of the QAT program")
-            m = _named(ov.convert_model(torch.export.export(opts.qat.finalize(), (x,))), spec)
+            gm = opts.qat.finalize()
+            fused = drop_requantize_before_leaky(gm)  # OpenVINO fuses convolution and LeakyReLU: one rounding after both
+            m = _named(ov.convert_model(torch.export.export(gm, (x,))), spec)
             quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> ov.convert_model",
-                          "activations": "int8 per-tensor (ranges learnt in QAT)"})
+                          "activations": "int8 per-tensor (ranges learnt in QAT)", "leaky_relu_inputs_unquantized": fused})
         quant.update({"weights": "int8 per-channel symmetric", "qat": opts.qat.report()})
     else:
         announce(opts.progress, "ov.convert_model")

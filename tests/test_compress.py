@@ -205,11 +205,12 @@ def test_qat_run_converts_for_every_target(shared, tmp_path):
             assert q["full_integer"] is False
         elif target == "openvino":
             assert q["conv_weight_types"].get("i8", 0) == 59
+            assert q["leaky_relu_inputs_unquantized"] == 38  # OpenVINO fuses convolution and LeakyReLU: one rounding
         elif target == "onnx":
             assert q["ops"]["int8_conv_weights"] == 59 and q["rewritten"] == {"weights": 59, "biases": 59, "activations": q["rewritten"]["activations"]}
             assert "Clip" not in q["ops"]["nodes"]  # the weight clips were folded into the int8 initializers
         else:
-            assert q["int8_weight_tensors"] >= 50
+            assert q["int8_weight_tensors"] >= 50 and q["leaky_relu_inputs_unquantized"] == 38
 
     x = np.random.default_rng(1).uniform(-120, 130, (1, 3, 160, 160)).astype(np.float32)
     rows = leaky_divergence(out / "qat.pth", bundles["tflite"] / "model.tflite", x)
