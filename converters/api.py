@@ -242,6 +242,10 @@ def qat_program(info, model, target: str, precision: str, calib, input_size: int
     if getattr(qat, "full_integer", False) and target != "tflite":
         raise ConfigError(f"{info.path} was trained as the full-integer TFLite program (--qat-graph full-integer), which "
                           f"converts for tflite only; for {target} train with --qat-graph float-input")
+    if getattr(qat, "fused_leaky", False) and target not in ("openvino", "coreml"):
+        raise ConfigError(f"{info.path} was trained with each convolution running into its LeakyReLU unrounded (--qat-graph "
+                          f"fused-leaky), as openvino and coreml compute it; {target} rounds there: train with --qat-graph "
+                          + ("full-integer" if target == "tflite" else "float-input"))
     if qat.backend == "nncf" and target != "openvino":
         raise ConfigError(f"{info.path} was trained with NNCF's quantisers (--qat-backend nncf), which convert for openvino "
                           f"only; for {target} train with --qat-backend pt2e")

@@ -61,7 +61,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     if opts.precision == "int8" and opts.qat is not None:
         announce(opts.progress, "the QAT program (trained ranges, no calibration), folded, then ct.convert (W8A8)")
         gm = opts.qat.finalize(fold_quantize=True)
-        fused = drop_requantize_before_leaky(gm)  # as for PTQ below
+        fused = drop_requantize_before_leaky(gm) + opts.qat.report().get("leaky_relu_inputs_unquantized", 0)  # as for PTQ below
         ml = _convert_program(gm, x, spec, "fp16")
         quant.update({"route": "PT2E QAT (edge compress --qat-steps), convert_pt2e(fold_quantize=True) -> ct.convert",
                       "weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (ranges learnt in QAT)",

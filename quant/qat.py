@@ -176,15 +176,48 @@ class LearnedRange(nn.Module):
         return self.fq
 
 
+def unquantize_leaky_inputs(gm) -> int:
+    """In a prepared QAT program, take out the activation fake-quantiser between each convolution (with its batch
+    norm) and the LeakyReLU that alone reads it, so the program trains what a runtime that fuses convolution and
+    activation computes: one rounding, after the LeakyReLU (`quant.ptq.drop_requantize_before_leaky` does the same to
+    a converted program). -> the number taken out."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or "leaky_relu" not in str(node.target):
+            continue
+        fq = node.args[0]
+        if not (isinstance(fq, torch.fx.Node) and fq.op == "call_module" and len(fq.users) == 1):
+            continue
+        mod = gm.get_submodule(fq.target)
+        if not hasattr(mod, "fake_quant_enabled") or "FixedQParams" in type(mod).__name__:
+            continue
+        src = fq.args[0]
+        if not (isinstance(src, torch.fx.Node) and len(src.users) == 1):
+            continue
+        node.replace_input_with(fq, src)
+        gm.graph.erase_node(fq)
+        gm.delete_submodule(fq.target)
+        n += 1
+    gm.graph.lint()
+    gm.recompile()
+    return n
+
+
 class QATQuantizer:
     backend = "pt2e"
 
     def __init__(self, model, config: QuantConfig | None = None, size: int = 640, observe_steps: int = 50, float_modules=(),
-                 full_integer: bool = False, relu_split=()):
+                 full_integer: bool = False, relu_split=(), fused_leaky: bool = False):
         self.model, self.config, self.size, self.observe_steps = model, config or QuantConfig(), size, observe_steps
         self.float_modules = tuple(float_modules)  # left float in the program (quant.ptq.pt2e_quantizer)
         if full_integer and self.float_modules:
             raise ValueError("a full-integer program has no float modules")
+        # float-input only: each convolution runs into its LeakyReLU unrounded, as OpenVINO and Core ML compute it
+        self.fused_leaky = fused_leaky
+        if fused_leaky and full_integer:
+            raise ValueError("XNNPACK rounds each convolution's output before its LeakyReLU: the full-integer program "
+                             "has no fused LeakyReLU")
+        self.leaky_inputs_unquantized = 0
         # full-integer only: LeakyReLU convolutions as two with fused ReLUs (edge.model.LeakyAsReLUs), trained as two
         self.relu_split = tuple(relu_split)
         if self.relu_split and not full_integer:
@@ -219,6 +252,8 @@ class QATQuantizer:
         gm = torch.export.export(net, (x,), dynamic_shapes={"x": {0: batch}}).module()
         with _module_patterns():
             gm = prepare_qat_pt2e(gm, self.quantizer)
+        if self.fused_leaky:
+            self.leaky_inputs_unquantized = unquantize_leaky_inputs(gm)
         self.gm = move_exported_model_to_eval(gm)  # batch norms frozen; fake quantisation stays on
         self.gm.training = False
         for name, prm in self.gm.named_parameters():  # batch-norm scales stay 1: the weights keep their int8 grid
@@ -373,7 +408,8 @@ class QATQuantizer:
         fq = sum(1 for m in self.gm.modules() if type(m).__name__.endswith("FakeQuantize")) if self.gm is not None else 0
         return {"method": "qat", "steps": self.steps, "calibration_images": getattr(self, "calibrated", 0), "batch_norms_folded": getattr(self, "folded", 0), "observe_steps": self.observe_steps, "fake_quantizers": fq,
                 "float_modules": list(self.float_modules), "relu_split": list(self.relu_split),
-                "graph": "full-integer" if self.full_integer else "float input (NCHW)",
+                "graph": "full-integer" if self.full_integer else "float input (NCHW)" + (", fused LeakyReLU" if self.fused_leaky else ""),
+                "leaky_relu_inputs_unquantized": self.leaky_inputs_unquantized,
                 "activation_ranges": "learnt" if getattr(self, "learned", None) or getattr(self, "ranges_learnt", False) else "frozen",
                 "weights": self.config.global_config.weight_granularity if self.config.global_config else None}
 
@@ -458,9 +494,11 @@ def load_qat(path, size: int):
             raise WeightsError(f"{path}: its NNCF QAT state does not fit the model ({str(e)[:200]})") from None
     else:
         trained = ck.get("retinaface_edge", {}).get("qat", {})
-        full = ck.get("retinaface_edge", {}).get("train", {}).get("qat_graph") == "full-integer"
+        graph = ck.get("retinaface_edge", {}).get("train", {}).get("qat_graph")
+        full = graph == "full-integer"
         q = QATQuantizer(model, size=size, observe_steps=0, float_modules=trained.get("float_modules") or (),
-                         full_integer=full, relu_split=(trained.get("relu_split") or ()) if full else ())
+                         full_integer=full, relu_split=(trained.get("relu_split") or ()) if full else (),
+                         fused_leaky=graph == "fused-leaky")
         if q.full_integer and "gm.norm.weight" in ck["qat_state"]:
             raise WeightsError(f"{path}: a full-integer QAT checkpoint of the earlier program (a normalising convolution "
                                "before the model; the program now folds it into the first convolution): train it again "

@@ -305,6 +305,56 @@ def test_qat_full_integer_program_converts_to_the_full_integer_graph(shared, tmp
     assert np.median(np.abs(got["loc"] - sim["loc"])) <= 2.01 * step and np.abs(got["conf"] - sim["conf"]).max() < 0.1
 
 
+@pytest.mark.qat
+def test_qat_fused_leaky_program_trains_what_openvino_and_coreml_run(shared, tmp_path, capsys, default_model):
+    """--qat-graph fused-leaky: the float-input program without the fake-quantiser between each convolution and its
+    LeakyReLU (38 of them), as OpenVINO and Core ML run int8 (one rounding, after the activation). It converts for
+    those two, whose metadata count the 38 unrounded inputs, and OpenVINO computes what the trained program does; tflite
+    and onnx round there and are refused before any work, as are the shapes the option cannot have."""
+    import copy
+
+    model, _ = default_model
+    plain, fused = (QATQuantizer(copy.deepcopy(model), size=160, fused_leaky=f) for f in (False, True))
+    plain.prepare()
+    fused.prepare()
+    assert fused.leaky_inputs_unquantized == 38 and plain.leaky_inputs_unquantized == 0
+    assert len(fused._fake_quantizers()[0]) == len(plain._fake_quantizers()[0]) - 38
+    leaky = [n for n in fused.gm.graph.nodes if "leaky_relu" in str(n.target)]
+    assert len(leaky) == 38 and all(n.args[0].op == "call_function" for n in leaky)  # the batch norm's output itself
+    with pytest.raises(ValueError, match="full-integer"):
+        QATQuantizer(copy.deepcopy(model), size=160, full_integer=True, fused_leaky=True)
+
+    base = ["compress", "--images", str(shared / "images"), "--prune", "0", "--batch", "1", "--size", "160",
+            "--val", "1", "--warmup", "1", "--threads", "1", "--calib-count", "2", "--quiet"]
+    for bad, says in ((["--qat-graph", "fused-leaky"], "--qat-steps"),
+                      (["--qat-graph", "fused-leaky", "--qat-steps", "2", "--qat-backend", "nncf"],
+                       "--qat-graph fused-leaky shapes the pt2e QAT program")):
+        assert main([*base, *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    out = tmp_path / "run"
+    assert main([*base, "--qat-steps", "2", "--qat-graph", "fused-leaky", "--out", str(out)]) == 0
+    assert "openvino or coreml" in capsys.readouterr().err
+    for target in ("tflite", "onnx"):
+        with pytest.raises(ConfigError, match="fused-leaky"):
+            convert(target, "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / target, progress=False)
+        assert not (tmp_path / target).exists()
+    bundles = {}
+    for target in ("openvino", "coreml"):
+        res = convert(target, "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / target, progress=False)
+        q = read_metadata(res.bundle)[1]["quantization"]
+        assert q["leaky_relu_inputs_unquantized"] == 38 == q["qat"]["leaky_relu_inputs_unquantized"], target
+        assert q["qat"]["graph"] == "float input (NCHW), fused LeakyReLU" and q["qat"]["steps"] == 2
+        bundles[target] = res.bundle
+    qat, model160 = load_qat(out / "qat.pth", 160)
+    assert qat.fused_leaky and qat.leaky_inputs_unquantized == 38
+    x = prepare(load_image(shared / "images" / "group.jpg"), model160.spec).tensor
+    with torch.no_grad():
+        sim = dict(zip(model160.spec.output_names, (t.numpy() for t in qat.finalize()(torch.from_numpy(x)))))
+    got = OpenVINORunner(bundles["openvino"] / "model.xml", model160.spec.output_names, threads=1)(x)
+    # the same quantised arithmetic: rounding may differ by a step here and there
+    assert np.median(np.abs(got["loc"] - sim["loc"])) < 0.02 and np.abs(got["conf"] - sim["conf"]).max() < 0.1
+
+
 def test_qat_folds_batch_norm_scales_without_changing_the_function():
     """Before QAT the batch norms' scales move into the convolutions (what QAT fake-quantises is then what the
     converters quantise); the model computes the same thing."""

@@ -137,9 +137,9 @@ def check_request(args) -> tuple[dict, tuple, tuple, bool]:
         raise ConfigError("--float-modules and --qat-ranges shape the QAT program: give --qat-steps or --qat-epochs")
     if float_modules and args.qat_backend != "pt2e":
         raise ConfigError("--float-modules is for the pt2e QAT program (NNCF places its own quantisers)")
+    if args.qat_graph != "float-input" and (not (args.qat_steps or args.qat_epochs) or args.qat_backend != "pt2e"):
+        raise ConfigError(f"--qat-graph {args.qat_graph} shapes the pt2e QAT program: give --qat-steps or --qat-epochs with --qat-backend pt2e")
     if args.qat_graph == "full-integer":
-        if not (args.qat_steps or args.qat_epochs) or args.qat_backend != "pt2e":
-            raise ConfigError("--qat-graph full-integer shapes the pt2e QAT program: give --qat-steps or --qat-epochs with --qat-backend pt2e")
         if float_modules:
             raise ConfigError("--qat-graph full-integer has no float modules: drop --float-modules")
     elif args.relu_split:
@@ -261,7 +261,8 @@ def quantisation_aware_training(args, student, info, spec, dataset, step, featur
         # as edge-convert --relu-split auto chooses, on the model QAT starts from
         relu_split, _ = resolve_relu_split(relu_split, qmodel, cs, spec)
         q = QATQuantizer(qmodel, size=args.size, observe_steps=args.observe_steps, float_modules=float_modules,
-                         full_integer=args.qat_graph == "full-integer", relu_split=relu_split)
+                         full_integer=args.qat_graph == "full-integer", relu_split=relu_split,
+                         fused_leaky=args.qat_graph == "fused-leaky")
         net = q.prepare()
         if cs is not None:
             q.calibrate(cs.tensors(spec))
@@ -357,7 +358,8 @@ def print_summary(args, summary: dict, out: Path, n_val: int, qat_only: bool) ->
         print(f"held-out AP (all faces, IoU 0.5): teacher {h['teacher']['ap']:.4f}, student {h['student']['ap']:.4f}")
     if args.qat_steps or args.qat_epochs:
         where = ("tflite (full-integer)" if args.qat_graph == "full-integer" else
-                 "openvino" if args.qat_backend == "nncf" else "tflite, openvino, onnx or coreml")
+                 "openvino" if args.qat_backend == "nncf" else
+                 "openvino or coreml" if args.qat_graph == "fused-leaky" else "tflite, openvino, onnx or coreml")
         print(f"wrote {out / 'qat.pth'}: the QAT model (`edge-convert --precision int8 --weights` it for {where})",
               file=sys.stderr)
     if not qat_only:
@@ -399,9 +401,11 @@ def register(sub) -> None:
                    "N: moving-average min/max over the first N training steps instead")
     p.add_argument("--float-modules", default="", metavar="NAMES",
                    help="pt2e QAT: comma-separated model modules left float in the program, e.g. body.stage1")
-    p.add_argument("--qat-graph", choices=("float-input", "full-integer"), default="float-input",
-                   help="the pt2e QAT program: float-input (converts for tflite, openvino, onnx and coreml) or full-integer "
-                        "(TFLite's full-integer graph, uint8 canvas in: converts for tflite only)")
+    p.add_argument("--qat-graph", choices=("float-input", "full-integer", "fused-leaky"), default="float-input",
+                   help="the pt2e QAT program: float-input (converts for tflite, openvino, onnx and coreml), full-integer "
+                        "(TFLite's full-integer graph, uint8 canvas in: converts for tflite only) or fused-leaky (float input, "
+                        "each convolution into its LeakyReLU unrounded, as OpenVINO and Core ML run it: converts for "
+                        "openvino and coreml only)")
     p.add_argument("--relu-split", default="", metavar="NAMES",
                    help="--qat-graph full-integer: comma-separated modules (e.g. body.stage1) whose LeakyReLU convolutions "
                    "the program computes as two convolutions with fused ReLUs (as edge-convert --relu-split; more accurate "
