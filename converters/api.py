@@ -150,6 +150,11 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     model, info = load_reference(weights, arch, input_size, float_modules)
     spec = model.spec
     qat, model = qat_program(info, model, target, precision, calib, input_size)
+    trained = None
+    if getattr(qat, "fused_leaky", False) and target == "openvino":
+        # NNCF's PTQ of the weights the fused-leaky program trained: OpenVINO's own graph (the program's ran 1.3x
+        # slower), closer to FP32 than the program converted (docs/full-integer.md)
+        trained, qat = qat.report(), None
     if input_dtype != "uint8" and qat is not None and not getattr(qat, "full_integer", False):
         raise ConfigError(f"--input-dtype {input_dtype}: this QAT checkpoint's program takes the float tensor "
                           "(edge compress --qat-graph full-integer trains the graph that takes the canvas)")
@@ -184,6 +189,9 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
             conv.quantization["relu_split"] = list(split)
         if split_rule:
             conv.quantization["relu_split_rule"] = split_rule
+        if trained is not None:
+            conv.quantization.update(route=conv.quantization["route"] + ", of the weights trained by edge compress "
+                                     "--qat-graph fused-leaky", qat=trained)
         # 5. the FP32 reference stored beside it: golden outputs, and the mesh decoder of a low-rank head
         extra = [*conv.extra_files, *write_reference(tmp, model, spec, meta)]
         meta.update(model_file=conv.model_file, quantization=conv.quantization, format_metadata=conv.format_metadata,
@@ -235,10 +243,10 @@ def qat_program(info, model, target: str, precision: str, calib, input_size: int
     if target not in QAT_TARGETS:
         raise ConfigError(f"QAT checkpoints convert to int8 for {', '.join(QAT_TARGETS)}; for {target} use its float "
                           f"weights with PTQ (--weights the run's final.pth)")
-    if calib is not None:
-        raise ConfigError("--calib is not used with a QAT checkpoint (its ranges were learnt in training)")
     with native_output_quiet(litert=False):  # rebuilding the program imports the quantizer's TensorFlow: its notices
         qat, model = load_qat(info.path, input_size)
+    if calib is not None and not (getattr(qat, "fused_leaky", False) and target == "openvino"):
+        raise ConfigError("--calib is not used with a QAT checkpoint (its ranges were learnt in training)")
     if getattr(qat, "full_integer", False) and target != "tflite":
         raise ConfigError(f"{info.path} was trained as the full-integer TFLite program (--qat-graph full-integer), which "
                           f"converts for tflite only; for {target} train with --qat-graph float-input")

@@ -58,8 +58,7 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
         else:  # the converted PT2E program (quantize/dequantize pairs): OpenVINO fuses them into u8 convolutions
             announce(opts.progress, "ov.convert_model of the QAT program")
             gm = opts.qat.finalize()
-            # OpenVINO fuses convolution and LeakyReLU: one rounding after both (a fused-leaky program has none before)
-            fused = drop_requantize_before_leaky(gm) + opts.qat.report().get("leaky_relu_inputs_unquantized", 0)
+            fused = drop_requantize_before_leaky(gm)  # OpenVINO fuses convolution and LeakyReLU: one rounding after both
             m = _named(ov.convert_model(torch.export.export(gm, (x,))), spec)
             quant.update({"route": "PT2E QAT (edge compress --qat-steps) -> ov.convert_model",
                           "activations": "int8 per-tensor (ranges learnt in QAT)", "leaky_relu_inputs_unquantized": fused})

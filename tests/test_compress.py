@@ -338,21 +338,27 @@ def test_qat_fused_leaky_program_trains_what_openvino_and_coreml_run(shared, tmp
         with pytest.raises(ConfigError, match="fused-leaky"):
             convert(target, "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / target, progress=False)
         assert not (tmp_path / target).exists()
-    bundles = {}
-    for target in ("openvino", "coreml"):
-        res = convert(target, "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / target, progress=False)
-        q = read_metadata(res.bundle)[1]["quantization"]
-        assert q["leaky_relu_inputs_unquantized"] == 38 == q["qat"]["leaky_relu_inputs_unquantized"], target
-        assert q["qat"]["graph"] == "float input (NCHW), fused LeakyReLU" and q["qat"]["steps"] == 2
-        bundles[target] = res.bundle
+    # Core ML: the trained program, which has no quantiser before a LeakyReLU left to drop
+    res = convert("coreml", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "coreml", progress=False)
+    meta = read_metadata(res.bundle)[1]
+    q = meta["quantization"]
+    assert q["leaky_relu_inputs_unquantized"] == 38 == q["qat"]["leaky_relu_inputs_unquantized"] and meta["calibration"] is None
+    assert q["qat"]["graph"] == "float input (NCHW), fused LeakyReLU" and q["qat"]["steps"] == 2 and "QAT" in q["route"]
+    # OpenVINO: NNCF's PTQ of the trained weights (its own graph: 59 int8 convolutions), the training recorded
+    res = convert("openvino", "int8", weights=str(out / "qat.pth"), input_size=160, out=tmp_path / "openvino", progress=False,
+                  calib=str(shared / "images"), calib_count=2)
+    meta = read_metadata(res.bundle)[1]
+    q = meta["quantization"]
+    assert "nncf.quantize" in q["route"] and "fused-leaky" in q["route"] and q["qat"]["leaky_relu_inputs_unquantized"] == 38
+    assert q["conv_weight_types"].get("i8", 0) == 59 and meta["calibration"]["count"] == 2
     qat, model160 = load_qat(out / "qat.pth", 160)
     assert qat.fused_leaky and qat.leaky_inputs_unquantized == 38
+    # the trained model, quantised: int8 rounding apart (2 calibration pictures at 160), it computes what that model does
     x = prepare(load_image(shared / "images" / "group.jpg"), model160.spec).tensor
+    got = OpenVINORunner(res.bundle / "model.xml", model160.spec.output_names, threads=1)(x)
     with torch.no_grad():
-        sim = dict(zip(model160.spec.output_names, (t.numpy() for t in qat.finalize()(torch.from_numpy(x)))))
-    got = OpenVINORunner(bundles["openvino"] / "model.xml", model160.spec.output_names, threads=1)(x)
-    # the same quantised arithmetic: rounding may differ by a step here and there
-    assert np.median(np.abs(got["loc"] - sim["loc"])) < 0.02 and np.abs(got["conf"] - sim["conf"]).max() < 0.1
+        ref = {k: v.numpy() for k, v in model160.eval()(torch.from_numpy(x)).items()}
+    assert np.median(np.abs(got["loc"] - ref["loc"])) < 0.15 and np.abs(got["conf"] - ref["conf"]).max() < 0.3
 
 
 def test_qat_folds_batch_norm_scales_without_changing_the_function():
