@@ -151,9 +151,7 @@ def convert(target: str, precision: str = "fp32", *, weights: str = "default", a
     spec = model.spec
     qat, model = qat_program(info, model, target, precision, calib, input_size)
     trained = None
-    if getattr(qat, "fused_leaky", False) and target == "openvino":
-        # NNCF's PTQ of the weights the fused-leaky program trained: OpenVINO's own graph (the program's ran 1.3x
-        # slower), closer to FP32 than the program converted (docs/full-integer.md)
+    if quantises_trained_weights(qat, target):
         trained, qat = qat.report(), None
     if input_dtype != "uint8" and qat is not None and not getattr(qat, "full_integer", False):
         raise ConfigError(f"--input-dtype {input_dtype}: this QAT checkpoint's program takes the float tensor "
@@ -233,6 +231,12 @@ def load_reference(weights: str, arch: str | None, input_size: int, float_module
     return model, info
 
 
+def quantises_trained_weights(qat, target: str) -> bool:
+    """OpenVINO from a fused-leaky checkpoint: NNCF's PTQ of the weights the program trained (calibrated), not the
+    program: OpenVINO's own graph (the program's ran 1.3x slower) and closer to FP32 (docs/full-integer.md)."""
+    return bool(getattr(qat, "fused_leaky", False)) and target == "openvino"
+
+
 def qat_program(info, model, target: str, precision: str, calib, input_size: int):
     """-> (the trained fake-quantised program or None, the FP32 model). int8 from a QAT checkpoint takes its
     program (no calibration); each kind of program converts for the targets named in the messages."""
@@ -245,7 +249,7 @@ def qat_program(info, model, target: str, precision: str, calib, input_size: int
                           f"weights with PTQ (--weights the run's final.pth)")
     with native_output_quiet(litert=False):  # rebuilding the program imports the quantizer's TensorFlow: its notices
         qat, model = load_qat(info.path, input_size)
-    if calib is not None and not (getattr(qat, "fused_leaky", False) and target == "openvino"):
+    if calib is not None and not quantises_trained_weights(qat, target):
         raise ConfigError("--calib is not used with a QAT checkpoint (its ranges were learnt in training)")
     if getattr(qat, "full_integer", False) and target != "tflite":
         raise ConfigError(f"{info.path} was trained as the full-integer TFLite program (--qat-graph full-integer), which "

@@ -60,12 +60,13 @@ def convert(model, spec, opts: ConvertOptions, workdir: Path, calib, meta_min: d
     quant: dict = {"route": CAPABILITIES.routes[opts.precision]}
     if opts.precision == "int8" and opts.qat is not None:
         announce(opts.progress, "the QAT program (trained ranges, no calibration), folded, then ct.convert (W8A8)")
-        gm = opts.qat.finalize(fold_quantize=True)
-        fused = drop_requantize_before_leaky(gm) + opts.qat.report().get("leaky_relu_inputs_unquantized", 0)  # as for PTQ below
+        gm, report = opts.qat.finalize(fold_quantize=True), opts.qat.report()
+        # as for PTQ below; a fused-leaky program has no rounding there to drop
+        fused = drop_requantize_before_leaky(gm) + report.get("leaky_relu_inputs_unquantized", 0)
         ml = _convert_program(gm, x, spec, "fp16")
         quant.update({"route": "PT2E QAT (edge compress --qat-steps), convert_pt2e(fold_quantize=True) -> ct.convert",
                       "weights": "int8 per-channel symmetric", "activations": "int8 per-tensor (ranges learnt in QAT)",
-                      "leaky_relu_inputs_unquantized": fused, "qat": opts.qat.report()})
+                      "leaky_relu_inputs_unquantized": fused, "qat": report})
     elif opts.precision == "int8":
         announce(opts.progress, f"PT2E: observing {len(calib)} calibration images")
         gm, _ = pt2e_calibrated(model, spec, calib, opts.progress, opts.float_modules)
